@@ -1,0 +1,3 @@
+"""pydio-ws: a real-time WebSocket push server for Pydio."""
+
+__version__ = "0.1.0"

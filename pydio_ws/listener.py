@@ -1,0 +1,182 @@
+"""One listening socket: read the request head, then hand the connection to its protocol.
+
+A listener may serve the browser WebSocket, the publisher WebSocket and the private HTTP
+resources on one port. Routing happens on the raw request head, before any parser sees
+the bytes, because the legacy Pydio 6 publisher sends an absolute-form target
+(`GET ws://host:port/private`, which twisted.web would answer 404) and 8 stray bytes
+after its head (which twisted.web would take for the next request). WebSocket upgrades
+go to the Autobahn factory of their path with every byte untouched; other requests go
+to the twisted.web Site. The head is bounded in size and time.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+from urllib.parse import urlsplit
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from pydio_ws.gate import carries_publisher_key
+
+MAX_HEAD_BYTES = 16 * 1024
+HEAD_END = b"\r\n\r\n"
+
+
+@dataclass(frozen=True)
+class Head:
+    """The parts of a request head needed to route it."""
+
+    method: str
+    path: str
+    headers: dict
+    upgrade: bool
+
+
+class BadHead(Exception):
+    """A request head that cannot be routed; carries the HTTP status to answer."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def parse_head(raw: bytes) -> Head:
+    """Parse a request line and header lines (without the final CRLF CRLF)."""
+    text = raw.decode("latin-1")
+    request_line, *header_lines = text.split("\r\n")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[0].isalpha():
+        raise BadHead(400, "bad request line")
+    method, target, _ = parts
+    headers = {}
+    for line in header_lines:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip():
+            raise BadHead(400, "bad header line")
+        headers[name.lower()] = value.strip()
+    tokens = {token.strip().lower() for token in headers.get("upgrade", "").split(",")}
+    return Head(method, urlsplit(target).path or "/", headers, "websocket" in tokens)
+
+
+@dataclass(frozen=True)
+class Routes:
+    """What a listener serves: WebSocket factories by path, and a Site for the rest.
+
+    When the browser and publisher paths are equal (Pydio 6's single-path setup), a
+    handshake carrying a publisher key header is a publisher, any other a browser.
+    """
+
+    site: Factory
+    browser_path: Optional[str] = None
+    browsers: Optional[Factory] = None
+    publisher_path: Optional[str] = None
+    publishers: Optional[Factory] = None
+
+    def websocket_factory(self, head: Head) -> Optional[Factory]:
+        if head.path == self.publisher_path and (
+            head.path != self.browser_path or carries_publisher_key(head.headers)
+        ):
+            return self.publishers
+        if head.path == self.browser_path:
+            return self.browsers
+        return None
+
+
+class HandshakeRouter(Protocol):
+    """Buffers the request head, then forwards the connection to the chosen protocol."""
+
+    _log = Logger()
+
+    def __init__(self, routes: Routes, reactor, head_timeout: float):
+        self._routes = routes
+        self._reactor = reactor
+        self._head_timeout = head_timeout
+        self._buffer = b""
+        self._inner: Optional[Protocol] = None
+        self._timer = None
+
+    def connectionMade(self):
+        self._timer = self._reactor.callLater(self._head_timeout, self._timed_out)
+
+    def dataReceived(self, data):
+        if self._inner is not None:
+            self._inner.dataReceived(data)
+            return
+        self._buffer += data
+        end = self._buffer.find(HEAD_END)
+        if end < 0 and len(self._buffer) <= MAX_HEAD_BYTES:
+            return
+        try:
+            if end < 0 or end + len(HEAD_END) > MAX_HEAD_BYTES:
+                raise BadHead(431, f"request head larger than {MAX_HEAD_BYTES} bytes")
+            self._route(parse_head(self._buffer[:end]))
+        except BadHead as error:
+            self._refuse(error.status, error.reason)
+
+    def _route(self, head: Head) -> None:
+        if not head.upgrade:
+            self._hand_over(self._routes.site)
+            return
+        factory = self._routes.websocket_factory(head)
+        if factory is None:
+            raise BadHead(404, f"no WebSocket endpoint at {head.path}")
+        self._hand_over(factory)
+
+    def _hand_over(self, factory: Factory) -> None:
+        self._cancel_timer()
+        self._inner = factory.buildProtocol(self.transport.getPeer())
+        self._inner.makeConnection(self.transport)
+        data, self._buffer = self._buffer, b""
+        self._inner.dataReceived(data)
+
+    def _refuse(self, status: int, reason: str) -> None:
+        self._cancel_timer()
+        self._log.info("refused {peer}: {status} {reason}",
+                       peer=self.transport.getPeer().host, status=status, reason=reason)
+        body = reason.encode("utf-8")
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status, _STATUS_TEXT.get(status, b"Error"), len(body), body))
+        self._buffer = b""
+        self.transport.loseConnection()
+        self._inner = _Discard()
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._log.info("dropped {peer}: no complete request head within {seconds} s",
+                       peer=self.transport.getPeer().host, seconds=self._head_timeout)
+        self.transport.abortConnection()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def connectionLost(self, reason):
+        self._cancel_timer()
+        if self._inner is not None:
+            self._inner.connectionLost(reason)
+
+
+class _Discard(Protocol):
+    """Where bytes go after a refusal, until the connection closes."""
+
+    def dataReceived(self, data):
+        pass
+
+
+_STATUS_TEXT = {400: b"Bad Request", 404: b"Not Found", 431: b"Request Header Fields Too Large"}
+
+
+class ListenerFactory(Factory):
+    """Builds a HandshakeRouter per accepted connection."""
+
+    def __init__(self, routes: Routes, reactor, head_timeout: float = 10.0):
+        self.routes = routes
+        self._reactor = reactor
+        self._head_timeout = head_timeout
+
+    def buildProtocol(self, addr):
+        return HandshakeRouter(self.routes, self._reactor, self._head_timeout)

@@ -1,0 +1,22 @@
+"""Counters the service keeps and reports on the status endpoint."""
+
+
+class Stats:
+    """Message and connection counters of one server process."""
+
+    def __init__(self, started_at: float):
+        self.started_at = started_at
+        self.received = 0
+        self.delivered = 0
+        self.refused = 0
+        self.ignored_commands = 0
+        self.refused_handshakes = 0
+
+    def as_dict(self, now: float) -> dict:
+        return {
+            "uptime": round(now - self.started_at, 3),
+            "messages": {"received": self.received, "delivered": self.delivered,
+                         "refused": self.refused},
+            "commands_ignored": self.ignored_commands,
+            "handshakes_refused": self.refused_handshakes,
+        }

@@ -1,0 +1,42 @@
+"""What our Autobahn protocols and factories share: timers on the injected reactor.
+
+Autobahn schedules its handshake, close and ping timers through `factory._batched_timer`,
+a txaio batched timer bound to the global reactor whose cancelled calls stay scheduled
+until their bucket fires. Timers straight on the factory's own reactor are exact, cancel
+cleanly and follow a test's `Clock`. Autobahn also leaves its close-handshake and
+connection-drop timers running after the connection is gone; we cancel them.
+"""
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+
+_TIMERS_LEFT_BY_AUTOBAHN = ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall")
+
+
+class ReactorTimer:
+    """txaio's `IBatchedTimer.call_later`, served by one reactor's `callLater`."""
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+
+    def call_later(self, delay, function, *args, **kwargs):
+        return self._reactor.callLater(delay, function, *args, **kwargs)
+
+
+class ServerFactoryBase(WebSocketServerFactory):
+    """A WebSocketServerFactory whose protocol timers run on the injected reactor."""
+
+    def __init__(self, reactor):
+        super().__init__(reactor=reactor)
+        self._batched_timer = ReactorTimer(reactor)
+
+
+class ServerProtocolBase(WebSocketServerProtocol):
+    """A WebSocketServerProtocol that leaves no timer behind when its connection ends."""
+
+    def _connectionLost(self, reason):
+        for name in _TIMERS_LEFT_BY_AUTOBAHN:
+            call = getattr(self, name, None)
+            if call is not None and call.active():
+                call.cancel()
+            setattr(self, name, None)
+        super()._connectionLost(reason)
