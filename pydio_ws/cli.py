@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 import time
+from datetime import datetime, timezone
 import urllib.error
 import urllib.request
 from typing import List, Optional
@@ -72,7 +73,11 @@ def _token(args) -> int:
 
 
 def _check_config(args) -> int:
+    from pydio_ws.service import preflight
+
     config = load_config(args.file, environ={})
+    for line in preflight(config, datetime.now(timezone.utc)):
+        print(line)
     print(f"{args.file}: OK ({'one shared listener' if config.shared_listener else 'two listeners'})")
     return 0
 

@@ -192,9 +192,12 @@ KEYS = (
     Key("public", "host", parse_str, "localhost", "Interface browsers connect to."),
     Key("public", "port", parse_port, "8090", "Port browsers connect to."),
     Key("public", "path", parse_url_path, "/public", "WebSocket path for browsers."),
-    Key("public", "ssl", parse_bool, "false", "Serve wss:// (TLS) to browsers."),
-    Key("public", "ssl_cert", parse_readable_file, "", "PEM certificate (then its chain) for wss://."),
-    Key("public", "ssl_key", parse_readable_file, "", "PEM private key of ssl_cert."),
+    Key("public", "ssl", parse_bool, "false", "Serve wss:// (TLS 1.2+) to browsers."),
+    Key("public", "ssl_cert", parse_str, "", "PEM certificate, followed by its chain."),
+    Key("public", "ssl_key", parse_str, "", "PEM private key of ssl_cert."),
+    Key("public", "ssl_chain", parse_str, "", "Optional separate PEM chain file."),
+    Key("public", "ssl_client_ca", parse_str, "",
+        "PEM CA(s): when set, client certificates are required and verified."),
     Key("public", "allowed_origins", parse_origins, "",
         "Comma list of origins allowed to open a browser socket; empty = any."),
     Key("private", "host", parse_str, "localhost", "Interface the Pydio host publishes to."),
@@ -210,6 +213,13 @@ KEYS = (
     Key("private", "authorized_hosts", parse_networks, "localhost, 127.0.0.1",
         "Comma list of IPs, CIDR networks or host names allowed to publish."),
     Key("private", "max_body_size", parse_size, "1MiB", "Largest publish body accepted (413 above)."),
+    Key("private", "ssl", parse_bool, "false",
+        "Serve https/wss on the private listener (a shared listener uses [public]'s TLS)."),
+    Key("private", "ssl_cert", parse_str, "", "PEM certificate, followed by its chain."),
+    Key("private", "ssl_key", parse_str, "", "PEM private key of ssl_cert."),
+    Key("private", "ssl_chain", parse_str, "", "Optional separate PEM chain file."),
+    Key("private", "ssl_client_ca", parse_str, "",
+        "PEM CA(s): when set, publishers must present a certificate it signed."),
     Key("auth", "mode", parse_auth_mode, "token",
         "token (JWT signed with the private key) or pydio (forward cookies to pydio_url)."),
     Key("auth", "pydio_url", parse_http_url, "",
@@ -222,6 +232,7 @@ KEYS = (
     Key("broker", "url", parse_broker_url, "memory://", "Broker backend: memory:// (one process)."),
 )
 
+TLS_KEYS = ("ssl", "ssl_cert", "ssl_key", "ssl_chain", "ssl_client_ca")
 SECTIONS = tuple(dict.fromkeys(key.section for key in KEYS))
 
 
@@ -325,9 +336,17 @@ def load_config(path: Optional[str] = None, environ: Optional[Mapping] = None,
 
 def _check_combination(config: Config) -> None:
     """Rules that involve several keys."""
-    for side in (config.public,):
-        if side.ssl:
-            raise ConfigError("public.ssl: TLS is not supported yet; set ssl = false")
+    for label in ("public", "private"):
+        side = getattr(config, label)
+        if side.ssl and not (side.ssl_cert and side.ssl_key) and not (label == "private" and config.shared_listener):
+            raise ConfigError(f"{label}.ssl = true needs {label}.ssl_cert and {label}.ssl_key")
+    if config.shared_listener:
+        for name in TLS_KEYS:
+            private_value = getattr(config.private, name)
+            if private_value and private_value != getattr(config.public, name):
+                raise ConfigError(
+                    f"private.{name} conflicts with public.{name}: a shared listener has one TLS "
+                    "setting; set it under [public] only")
     if config.auth.mode == "pydio" and not config.auth.pydio_url:
         raise ConfigError("auth.pydio_url is required when auth.mode = pydio")
     if config.shared_listener and config.public.path == config.private.path + "/status":

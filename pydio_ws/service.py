@@ -1,9 +1,14 @@
 """The twistd service: Options from the key table, and Config -> objects -> listeners."""
 
+import signal
+from datetime import datetime, timezone
+
 from twisted.application import service
 from twisted.internet import defer, endpoints
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.web.client import Agent
 from twisted.web.resource import Resource
 
 from pydio_ws.auth import TokenAuthenticator
@@ -15,7 +20,10 @@ from pydio_ws.listener import ListenerFactory, Routes
 from pydio_ws.origins import OriginPolicy, normalize_origin
 from pydio_ws.private import PublisherFactory, Publisher, PublishResource, StatusResource
 from pydio_ws.public import BrowserFactory, frame_message
+from pydio_ws.pydio_auth import PydioAuthenticator
 from pydio_ws.stats import Stats
+from pydio_ws.tls import (ReloadableServerContextFactory, ServerTLSFiles, TLSError,
+                          client_tls_policy, describe_certificate, load_server_credentials)
 from pydio_ws.web import BoundedSite, UpgradeRequired, mount
 
 BROWSER_MESSAGE_LIMIT = 64 * 1024
@@ -37,8 +45,42 @@ class Options(usage.Options):
         }
         try:
             self.config = load_config(self["config"], overrides=overrides)
+            preflight(self.config, datetime.now(timezone.utc))
         except ConfigError as error:
             raise usage.UsageError(str(error)) from None
+
+
+def listener_names(config) -> tuple:
+    """The listeners a configuration asks for."""
+    return ("listener-shared",) if config.shared_listener else ("listener-public", "listener-private")
+
+
+def listener_tls(config, name: str):
+    """The TLS files of a listener, or None for plain TCP (a shared one follows [public])."""
+    label = "private" if name == "listener-private" else "public"
+    side = getattr(config, label)
+    if not side.ssl:
+        return None
+    return ServerTLSFiles(side.ssl_cert, side.ssl_key, side.ssl_chain, side.ssl_client_ca, label)
+
+
+def preflight(config, now: datetime) -> list:
+    """Check the TLS files and CA bundle a config names; one line per certificate.
+
+    Raises ConfigError with the precise reason, so startup and check-config stop early.
+    """
+    lines = []
+    try:
+        for name in listener_names(config):
+            files = listener_tls(config, name)
+            if files is not None:
+                credentials = load_server_credentials(files, now)
+                lines.append(f"{files.label} certificate: {describe_certificate(credentials, now)}")
+        if config.auth.mode == "pydio":
+            client_tls_policy(config.auth.verify_ssl, config.auth.ca_file)
+    except TLSError as error:
+        raise ConfigError(str(error)) from None
+    return lines
 
 
 class ListenerService(service.Service):
@@ -82,14 +124,16 @@ class PydioWSService(service.MultiService):
 
     _log = Logger()
 
-    def __init__(self, config, reactor):
+    def __init__(self, config, reactor, handle_signals: bool = False):
         super().__init__()
         self.config = config
         self._reactor = reactor
+        self._handle_signals = handle_signals
+        self._tls = {}
         self.stats = Stats(reactor.seconds())
         self.private_key = resolve_private_key(config)
         self.broker = Broker(frame_message, stats=self.stats)
-        gate = PublisherGate(lambda: config.private.authorized_hosts, lambda: self.private_key.value)
+        gate = PublisherGate(lambda: self.config.private.authorized_hosts, self._current_key)
         publisher = Publisher(self.broker, self.stats)
         self.browser_factory = BrowserFactory(
             reactor, self.broker, self._authenticator(), self._origin_policy(), self.stats)
@@ -116,8 +160,20 @@ class PydioWSService(service.MultiService):
                 BoundedSite(private_root, private.max_body_size, reactor),
                 publisher_path=private.path, publishers=publisher_factory))
 
+    def _current_key(self) -> str:
+        """The private key now (collaborators call this at each use, so a reload applies)."""
+        return self.private_key.value
+
     def _authenticator(self):
-        return TokenAuthenticator(lambda: self.private_key.value)
+        auth = self.config.auth
+        if auth.mode == "token":
+            return TokenAuthenticator(self._current_key)
+        if not auth.verify_ssl:
+            self._log.warn("auth.verify_ssl = false: the Pydio host's certificate is not verified")
+        agent = Agent(self._reactor, contextFactory=client_tls_policy(auth.verify_ssl, auth.ca_file))
+        return PydioAuthenticator(
+            self._reactor, auth.pydio_url, self._current_key, timeout=auth.timeout,
+            cache_ttl=auth.cache_ttl, max_concurrent=auth.max_concurrent, agent=agent)
 
     def _origin_policy(self) -> OriginPolicy:
         """Configured origins; in pydio mode an empty list means pydio_url's origin only."""
@@ -127,10 +183,39 @@ class PydioWSService(service.MultiService):
         return OriginPolicy(allowed)
 
     def _add_listener(self, name, host, port, routes):
-        listener = ListenerService(server_endpoint(self._reactor, host, port),
-                                   ListenerFactory(routes, self._reactor))
+        factory = ListenerFactory(routes, self._reactor)
+        files = listener_tls(self.config, name)
+        if files is not None:
+            try:
+                self._tls[name] = ReloadableServerContextFactory(files, self._now())
+            except TLSError as error:
+                raise ConfigError(str(error)) from None
+            self._warn_if_expiring(files.label, self._tls[name].credentials)
+            factory = TLSMemoryBIOFactory(self._tls[name], False, factory)
+        listener = ListenerService(server_endpoint(self._reactor, host, port), factory)
         listener.setName(name)
         listener.setServiceParent(self)
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._reactor.seconds(), timezone.utc)
+
+    def _warn_if_expiring(self, label: str, credentials) -> None:
+        if credentials.expires_soon(self._now()):
+            self._log.warn("{label} certificate expires soon: {summary}", label=label,
+                           summary=describe_certificate(credentials, self._now()))
+
+    def reload(self) -> None:
+        """Re-read TLS files for new connections (SIGHUP); a failure keeps the old ones."""
+        for name, context_factory in self._tls.items():
+            try:
+                credentials = context_factory.reload(self._now())
+            except TLSError as error:
+                self._log.error("TLS reload of {listener} failed, keeping the old certificate: {reason}",
+                                listener=name, reason=str(error))
+                continue
+            self._log.info("TLS reloaded for {listener}: {summary}", listener=name,
+                           summary=describe_certificate(credentials, self._now()))
+            self._warn_if_expiring(name, credentials)
 
     def listening_port(self, name: str) -> int:
         """The port a named listener really listens on (for port 0 in tests)."""
@@ -138,6 +223,8 @@ class PydioWSService(service.MultiService):
 
     def startService(self):
         self._log.info("private key from {source}", source=self.private_key.source)
+        if self._handle_signals:
+            signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))
         self.broker.start().addErrback(
             lambda failure: self._log.failure("broker failed to start", failure))
         super().startService()
@@ -158,4 +245,4 @@ class PydioWSService(service.MultiService):
 def makeService(options) -> PydioWSService:
     """twistd entry point."""
     from twisted.internet import reactor
-    return PydioWSService(options.config, reactor)
+    return PydioWSService(options.config, reactor, handle_signals=True)
