@@ -16,6 +16,7 @@ from xml.sax.saxutils import quoteattr
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
@@ -186,10 +187,15 @@ class FakePydio:
         self._port = None
         self._next: List[Deferred] = []
 
-    async def start(self) -> str:
-        """Listen on 127.0.0.1; return (and set) `url`, the ws_authenticate URL."""
-        self._port = self._reactor.listenTCP(0, self._site, interface="127.0.0.1")
-        self.base_url = f"http://127.0.0.1:{self._port.getHost().port}{PATH}"
+    async def start(self, tls=None, host: str = "127.0.0.1") -> str:
+        """Listen on 127.0.0.1; return (and set) `url`, the ws_authenticate URL.
+
+        `tls` is a server connection creator for https; `host` is the URL's host name.
+        """
+        factory = self._site if tls is None else TLSMemoryBIOFactory(tls, False, self._site)
+        self._port = self._reactor.listenTCP(0, factory, interface="127.0.0.1")
+        scheme = "http" if tls is None else "https"
+        self.base_url = f"{scheme}://{host}:{self._port.getHost().port}{PATH}"
         self.url = f"{self.base_url}?{QUERY}"
         return self.url
 

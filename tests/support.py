@@ -15,7 +15,7 @@ from typing import Optional
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, reactor, task
-from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory, Protocol
 from twisted.web.client import Agent, HTTPConnectionPool
 
@@ -118,12 +118,15 @@ class BrowserProtocol(WebSocketClientProtocol):
         await self.closed
 
 
-async def connect_browser(testcase, url: str, port: int, headers=None) -> BrowserProtocol:
-    """Open a real Autobahn client connection; closed again on cleanup."""
+async def connect_browser(testcase, url: str, port: int, headers=None, tls=None) -> BrowserProtocol:
+    """Open a real Autobahn client connection (over TLS with `tls` client options)."""
     factory = WebSocketClientFactory(url, headers=headers or {})
     factory.protocol = BrowserProtocol
     factory.opened = defer.Deferred()
-    await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(factory)
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    if tls is not None:
+        endpoint = wrapClientTLS(tls, endpoint)
+    await endpoint.connect(factory)
     client = await factory.opened
     testcase.addCleanup(client.close)
     return client
