@@ -56,7 +56,11 @@ def parse_head(raw: bytes) -> Head:
             raise BadHead(400, "bad header line")
         headers[name.lower()] = value.strip()
     tokens = {token.strip().lower() for token in headers.get("upgrade", "").split(",")}
-    return Head(method, urlsplit(target).path or "/", headers, "websocket" in tokens)
+    try:
+        path = urlsplit(target).path or "/"
+    except ValueError:
+        raise BadHead(400, "bad request target") from None
+    return Head(method, path, headers, "websocket" in tokens)
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,8 @@ def message_from_fields(fields, where: str = "") -> Message:
     node_paths = fields.get("NODE_PATHES") or ()
     if isinstance(node_paths, dict):
         # PHP serializes a list as an array with integer keys.
+        if not all(isinstance(k, int) and not isinstance(k, bool) for k in node_paths):
+            raise DecodeError(f"{where}NODE_PATHES must be a list of strings")
         node_paths = [node_paths[k] for k in sorted(node_paths)]
     if not isinstance(node_paths, (list, tuple)) or not all(
         isinstance(p, str) for p in node_paths
@@ -94,6 +96,10 @@ def decode_json(body: bytes) -> list:
         raise DecodeError(f"body is not UTF-8 (byte {error.start})") from None
     except json.JSONDecodeError as error:
         raise DecodeError(f"invalid JSON: {error.msg} at line {error.lineno} column {error.colno}") from None
+    except ValueError as error:  # e.g. an integer of more than 4300 digits
+        raise DecodeError(f"invalid JSON: {error}") from None
+    except RecursionError:
+        raise DecodeError("invalid JSON: nested too deeply") from None
     return messages_from_document(document)
 
 

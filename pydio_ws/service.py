@@ -5,6 +5,7 @@ from datetime import datetime, timezone
 
 from twisted.application import service
 from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -96,6 +97,11 @@ class ListenerService(service.Service):
         failures = []
         listening.addCallbacks(self._listening, failures.append)
         if failures:
+            error = failures[0].value
+            if isinstance(error, CannotListenError):
+                # twistd lets SystemExit through: one clear line instead of a traceback.
+                raise SystemExit(f"pydio-ws: cannot listen on {error.interface}:{error.port}: "
+                                 f"{error.socketError}")
             failures[0].raiseException()
         super().privilegedStartService()
 
