@@ -71,7 +71,7 @@ class StatusResource(JSONResource):
 
     def render_GET(self, request):
         peer = request.getClientAddress().host
-        if not self._gate.host_allowed(peer):
+        if not self._gate.host_allowed(peer, lower_headers(request)):
             return json_body(request, 403, {"error": f"host {peer} is not authorized"})
         document = self._stats.as_dict(self._reactor.seconds())
         document["connections"] = {
@@ -202,3 +202,8 @@ class PublisherFactory(ServerFactoryBase):
         self.setProtocolOptions(
             versions=[8, 13], webStatus=False, failByDrop=False,
             maxFramePayloadSize=max_message_size, maxMessagePayloadSize=max_message_size)
+
+    def apply_limits(self, limits) -> None:
+        """Take the [limits] timeouts (publishers are not pinged: they close when done)."""
+        self.setProtocolOptions(openHandshakeTimeout=limits.handshake_timeout,
+                                closeHandshakeTimeout=limits.close_timeout)

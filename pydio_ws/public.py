@@ -4,26 +4,33 @@ Wire protocol at `public.path`:
 
 - Opening handshake: the browser is identified here (token in `?token=` or
   `Authorization: Bearer`, or its cookies forwarded to Pydio). A refusal is an HTTP
-  error: 401 bad or missing credentials, 403 forbidden origin, 502/503 Pydio host
-  trouble. A refused socket is never accepted.
+  error: 401 bad or missing credentials, 403 forbidden origin, 429 too many failed
+  authentications from this IP, 502/503 Pydio host trouble, 503 connection limits.
+  A refused socket is never accepted.
 - Browser -> server text frames: `register:<repoId>` listens to that workspace (when the
   user's acl on it contains "r"; otherwise ignored and logged), replacing the previous
   one; `unregister:<anything>` stops listening; anything else is ignored and counted.
   A binary frame closes the connection with 1003.
-- Server -> browser: one text frame per message, exactly its CONTENT.
+- Server -> browser: one text frame per message, exactly its CONTENT. A browser that
+  stops reading is closed with 1008 ("slow consumer") once it is `max_pending_bytes`
+  behind; a browser that does not answer pings is dropped.
 """
 
 from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from pydio_ws.auth import AuthError, HandshakeRequest
 from pydio_ws.commands import REGISTER, UNREGISTER, parse_command
+from pydio_ws.limits import client_address
 from pydio_ws.wsbase import ServerFactoryBase, ServerProtocolBase
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_UNSUPPORTED_DATA = 1003
+CLOSE_POLICY_VIOLATION = 1008
 
 
 def frame_message(message) -> PreparedMessage:
@@ -31,8 +38,14 @@ def frame_message(message) -> PreparedMessage:
     return PreparedMessage(message.content.encode("utf-8"), False, False, True)
 
 
+@implementer(IPushProducer)
 class BrowserProtocol(ServerProtocolBase):
-    """One browser connection: identify at the handshake, then relay commands."""
+    """One browser connection: identify at the handshake, then relay commands.
+
+    It is the streaming producer of its transport: while the transport's buffer is
+    full, frames wait in a backlog, and a backlog over `max_pending_bytes` closes the
+    connection (slow consumer) instead of growing without bound.
+    """
 
     _log = Logger()
 
@@ -40,25 +53,42 @@ class BrowserProtocol(ServerProtocolBase):
         super().__init__()
         self._identity = None
         self._subscriber = None
+        self._client = None
+        self._counted = False
+        self._paused = False
+        self._backlog = []
+        self._backlog_bytes = 0
 
     @property
     def _peer_host(self) -> str:
-        return self.transport.getPeer().host
+        return self._client or self.transport.getPeer().host
 
     def onConnect(self, request):
         factory = self.factory
+        self._client = client_address(self.transport.getPeer().host,
+                                      request.headers.get("x-forwarded-for"), factory.trusted_proxies)
+        if factory.failures.blocked(self._client):
+            self._deny(429, "too many failed authentications")
         if not factory.origins.allows(request.origin):
-            factory.refuse(self._peer_host, 403, f"origin {request.origin!r} not allowed")
-            raise ConnectionDeny(403, "origin not allowed")
-        handshake = HandshakeRequest(self._peer_host, request.headers, request.params)
+            self._deny(403, f"origin {request.origin!r} not allowed")
+        refusal = factory.counter.acquire(self._client)
+        if refusal:
+            self._deny(503, refusal)
+        self._counted = True
+        handshake = HandshakeRequest(self._client, request.headers, request.params)
         return Deferred.fromCoroutine(self._identify(handshake))
+
+    def _deny(self, status: int, reason: str):
+        self.factory.refuse(self._client, status, reason)
+        raise ConnectionDeny(status, reason)
 
     async def _identify(self, handshake: HandshakeRequest):
         try:
             self._identity = await self.factory.authenticator.authenticate(handshake)
         except AuthError as error:
-            self.factory.refuse(handshake.peer_host, error.status, error.reason)
-            raise ConnectionDeny(error.status, error.reason) from None
+            if error.status == 401:
+                self.factory.failures.record_failure(self._client)
+            self._deny(error.status, error.reason)
         return None
 
     def onOpen(self):
@@ -66,12 +96,40 @@ class BrowserProtocol(ServerProtocolBase):
         self._subscriber = self.factory.broker.attach(
             identity.user_id, identity.group_path, self._deliver)
         self.factory.opened(self)
+        self.transport.registerProducer(self, True)
         self._log.info("browser {peer} connected as {user_id}",
                        peer=self._peer_host, user_id=identity.user_id)
 
     def _deliver(self, prepared: PreparedMessage) -> None:
-        if self.state == WebSocketProtocol.STATE_OPEN:
+        if self.state != WebSocketProtocol.STATE_OPEN:
+            return
+        if not self._paused:
             self.sendPreparedMessage(prepared)
+            return
+        self._backlog.append(prepared.payloadHybi)
+        self._backlog_bytes += len(prepared.payloadHybi)
+        if self._backlog_bytes > self.factory.max_pending_bytes:
+            self._drop_slow_consumer()
+
+    def _drop_slow_consumer(self) -> None:
+        self.factory.stats.slow_consumers += 1
+        self._log.warn("browser {peer} ({user_id}) is a slow consumer: {pending} bytes pending, closing 1008",
+                       peer=self._peer_host, user_id=self._identity.user_id, pending=self._backlog_bytes)
+        self._backlog, self._backlog_bytes = [], 0
+        self.sendCloseFrame(CLOSE_POLICY_VIOLATION, b"slow consumer")
+
+    def pauseProducing(self):
+        self._paused = True
+
+    def resumeProducing(self):
+        self._paused = False
+        while self._backlog and not self._paused:
+            frame = self._backlog.pop(0)
+            self._backlog_bytes -= len(frame)
+            self.transport.write(frame)
+
+    def stopProducing(self):
+        self._backlog, self._backlog_bytes = [], 0
 
     def onMessage(self, payload, isBinary):
         if isBinary:
@@ -102,6 +160,9 @@ class BrowserProtocol(ServerProtocolBase):
                        peer=self._peer_host, user_id=self._identity.user_id, repo_id=repo_id)
 
     def onClose(self, wasClean, code, reason):
+        if self._counted:
+            self._counted = False
+            self.factory.counter.release(self._client)
         if self._subscriber is None:
             return
         self._subscriber.detach()
@@ -117,18 +178,33 @@ class BrowserFactory(ServerFactoryBase):
     protocol = BrowserProtocol
     _log = Logger()
 
-    def __init__(self, reactor, broker, authenticator, origins, stats):
+    def __init__(self, reactor, broker, authenticator, origins, stats, counter, failures):
         super().__init__(reactor)
         self.broker = broker
         self.authenticator = authenticator
         self.origins = origins
         self.stats = stats
+        self.counter = counter
+        self.failures = failures
+        self.trusted_proxies = ()
+        self.max_pending_bytes = 4 * 1024 * 1024
         self._open = set()
         self.setProtocolOptions(versions=[13], webStatus=False, failByDrop=False)
 
+    def apply_limits(self, limits) -> None:
+        """Take the [limits] settings; open connections keep the options they opened with."""
+        self.trusted_proxies = limits.trusted_proxies
+        self.max_pending_bytes = limits.max_pending_bytes
+        self.counter.configure(limits.max_connections, limits.max_connections_per_ip)
+        self.failures.configure(limits.max_auth_failures, limits.auth_failure_window)
+        self.setProtocolOptions(
+            maxFramePayloadSize=limits.max_message_size, maxMessagePayloadSize=limits.max_message_size,
+            openHandshakeTimeout=limits.handshake_timeout, closeHandshakeTimeout=limits.close_timeout,
+            autoPingInterval=limits.ping_interval, autoPingTimeout=limits.ping_timeout)
+
     def refuse(self, peer_host: str, status: int, reason: str) -> None:
         """Count and log a refused browser handshake."""
-        self.stats.refused_handshakes += 1
+        self.stats.refused_handshakes[status] += 1
         self._log.info("browser {peer} refused: {status} {reason}",
                        peer=peer_host, status=status, reason=reason)
 
@@ -138,10 +214,19 @@ class BrowserFactory(ServerFactoryBase):
     def closed(self, protocol) -> None:
         self._open.discard(protocol)
 
-    def close_all(self) -> Deferred:
-        """Close every open browser with 1001; fires when all are gone."""
+    def close_all(self, timeout: float) -> Deferred:
+        """Close every open browser with 1001; fires when all are gone, dropping any
+        still open after `timeout` seconds."""
         closing = []
         for protocol in list(self._open):
             protocol.sendCloseFrame(CLOSE_GOING_AWAY, b"server shutting down")
             closing.append(protocol.is_closed)
-        return DeferredList(closing)
+        deadline = self.reactor.callLater(timeout, self._drop_all)
+        done = DeferredList(closing)
+        done.addBoth(lambda _: deadline.active() and deadline.cancel())
+        return done
+
+    def _drop_all(self) -> None:
+        for protocol in list(self._open):
+            self._log.info("browser {peer} did not close in time: dropped", peer=protocol._peer_host)
+            protocol.dropConnection(abort=True)

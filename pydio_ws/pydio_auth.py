@@ -34,7 +34,8 @@ within `timeout` seconds: 503.
 
 To spare the host, concurrent handshakes with the same Cookie header share one request,
 successful answers are cached for `cache_ttl` seconds, and at most `max_concurrent`
-requests are outstanding at once (the rest wait their turn).
+requests are outstanding at once (the rest wait their turn, `max_queued` at most: past
+that a handshake is refused with 503 at once, so a reconnect storm cannot pile up).
 """
 
 import hashlib
@@ -185,6 +186,7 @@ class PydioAuthenticator:
         timeout: float = 5.0,
         cache_ttl: float = 10.0,
         max_concurrent: int = 16,
+        max_queued: int = 1000,
         agent=None,
         clock=None,
         cache_size: int = 1024,
@@ -210,6 +212,7 @@ class PydioAuthenticator:
         self._clock = reactor if clock is None else clock
         self._agent = Agent(reactor) if agent is None else agent
         self._slots = DeferredSemaphore(max_concurrent)
+        self._max_queued = max_queued
         # Keyed by a digest of the Cookie header so session ids are not kept verbatim.
         self._cache: "OrderedDict[bytes, tuple[float, Identity]]" = OrderedDict()
         self._waiters: dict[bytes, list[Deferred]] = {}
@@ -256,6 +259,8 @@ class PydioAuthenticator:
         if waiters is not None:
             waiters.append(waiter)
             return waiter
+        if len(self._slots.waiting) >= self._max_queued:
+            raise AuthError(503, f"Pydio host busy: {self._max_queued} authentications waiting")
         self._waiters[digest] = [waiter]
         Deferred.fromCoroutine(self._fetch(cookie)).addBoth(self._settle, digest)
         return waiter

@@ -17,6 +17,7 @@ from pydio_ws.broker import Broker
 from pydio_ws.config import KEYS, ConfigError, load_config
 from pydio_ws.gate import PublisherGate
 from pydio_ws.keys import resolve_private_key
+from pydio_ws.limits import ConnectionCounter, FailureLimiter
 from pydio_ws.listener import ListenerFactory, Routes
 from pydio_ws.origins import OriginPolicy, normalize_origin
 from pydio_ws.private import PublisherFactory, Publisher, PublishResource, StatusResource
@@ -26,8 +27,6 @@ from pydio_ws.stats import Stats
 from pydio_ws.tls import (ReloadableServerContextFactory, ServerTLSFiles, TLSError,
                           client_tls_policy, describe_certificate, load_server_credentials)
 from pydio_ws.web import BoundedSite, UpgradeRequired, mount
-
-BROWSER_MESSAGE_LIMIT = 64 * 1024
 
 
 class Options(usage.Options):
@@ -139,13 +138,19 @@ class PydioWSService(service.MultiService):
         self.stats = Stats(reactor.seconds())
         self.private_key = resolve_private_key(config)
         self.broker = Broker(frame_message, stats=self.stats)
-        gate = PublisherGate(lambda: self.config.private.authorized_hosts, self._current_key)
+        limits = config.limits
+        self._key_failures = FailureLimiter(reactor, limits.max_auth_failures, limits.auth_failure_window)
+        gate = PublisherGate(lambda: self.config.private.authorized_hosts, self._current_key,
+                             self._key_failures, lambda: self.config.limits.trusted_proxies)
         publisher = Publisher(self.broker, self.stats)
         self.browser_factory = BrowserFactory(
-            reactor, self.broker, self._authenticator(), self._origin_policy(), self.stats)
-        self.browser_factory.setProtocolOptions(maxMessagePayloadSize=BROWSER_MESSAGE_LIMIT,
-                                                maxFramePayloadSize=BROWSER_MESSAGE_LIMIT)
-        publisher_factory = PublisherFactory(reactor, gate, publisher, config.private.max_body_size)
+            reactor, self.broker, self._authenticator(), self._origin_policy(), self.stats,
+            ConnectionCounter(limits.max_connections, limits.max_connections_per_ip),
+            FailureLimiter(reactor, limits.max_auth_failures, limits.auth_failure_window))
+        self.browser_factory.apply_limits(limits)
+        self._publisher_factory = PublisherFactory(reactor, gate, publisher, config.private.max_body_size)
+        self._publisher_factory.apply_limits(limits)
+        publisher_factory = self._publisher_factory
         private_resource = PublishResource(gate, publisher)
         private_resource.putChild(b"status", StatusResource(reactor, gate, self.broker, self.stats))
         public, private = config.public, config.private
@@ -179,7 +184,8 @@ class PydioWSService(service.MultiService):
         agent = Agent(self._reactor, contextFactory=client_tls_policy(auth.verify_ssl, auth.ca_file))
         return PydioAuthenticator(
             self._reactor, auth.pydio_url, self._current_key, timeout=auth.timeout,
-            cache_ttl=auth.cache_ttl, max_concurrent=auth.max_concurrent, agent=agent)
+            cache_ttl=auth.cache_ttl, max_concurrent=auth.max_concurrent, max_queued=auth.max_queued,
+            agent=agent)
 
     def _origin_policy(self) -> OriginPolicy:
         """Configured origins; in pydio mode an empty list means pydio_url's origin only."""
@@ -189,7 +195,7 @@ class PydioWSService(service.MultiService):
         return OriginPolicy(allowed)
 
     def _add_listener(self, name, host, port, routes):
-        factory = ListenerFactory(routes, self._reactor)
+        factory = ListenerFactory(routes, self._reactor, self.config.limits.handshake_timeout)
         files = listener_tls(self.config, name)
         if files is not None:
             try:
@@ -244,7 +250,7 @@ class PydioWSService(service.MultiService):
             for listener in list(self) if listener.running
         ])
         service.Service.stopService(self)
-        await self.browser_factory.close_all()
+        await self.browser_factory.close_all(self.config.limits.shutdown_timeout)
         await self.broker.stop()
 
 

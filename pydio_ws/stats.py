@@ -1,5 +1,7 @@
 """Counters the service keeps and reports on the status endpoint."""
 
+from collections import Counter
+
 
 class Stats:
     """Message and connection counters of one server process."""
@@ -10,7 +12,8 @@ class Stats:
         self.delivered = 0
         self.refused = 0
         self.ignored_commands = 0
-        self.refused_handshakes = 0
+        self.refused_handshakes = Counter()
+        self.slow_consumers = 0
 
     def as_dict(self, now: float) -> dict:
         return {
@@ -18,5 +21,7 @@ class Stats:
             "messages": {"received": self.received, "delivered": self.delivered,
                          "refused": self.refused},
             "commands_ignored": self.ignored_commands,
-            "handshakes_refused": self.refused_handshakes,
+            "handshakes_refused": {str(status): count for status, count in
+                                   sorted(self.refused_handshakes.items())},
+            "slow_consumers": self.slow_consumers,
         }

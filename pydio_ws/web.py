@@ -5,7 +5,7 @@ import json
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-REQUEST_HEADERS_OF_INTEREST = ("x-pydio-key", "admin-key", "authorization")
+REQUEST_HEADERS_OF_INTEREST = ("x-pydio-key", "admin-key", "authorization", "x-forwarded-for")
 
 
 class BoundedRequest(Request):
