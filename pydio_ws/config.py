@@ -288,8 +288,11 @@ class Section:
 class Config:
     """Validated, frozen configuration: `config.public.port`, `config.auth.mode`, ..."""
 
-    def __init__(self, values: Mapping, source: Optional[str] = None):
+    def __init__(self, values: Mapping, source: Optional[str] = None,
+                 overrides: Optional[Mapping] = None):
         self.source = source
+        self.overrides = dict(overrides or {})
+        self._values = dict(values)
         self._sections = {
             section: Section(section, {k.name: values[k.section, k.name] for k in KEYS if k.section == section})
             for section in SECTIONS
@@ -300,6 +303,21 @@ class Config:
         if name in sections:
             return sections[name]
         raise AttributeError(name)
+
+    def value(self, key: Key):
+        return self._values[key.section, key.name]
+
+    def reloaded(self, environ: Optional[Mapping] = None) -> "Config":
+        """Read the same file, environment and overrides again (ConfigError if invalid)."""
+        return load_config(self.source, environ, self.overrides)
+
+    def with_restart_values_of(self, running: "Config") -> "Config":
+        """This config, but with `running`'s values for keys that need a restart."""
+        values = dict(self._values)
+        for key in KEYS:
+            if not key.reloadable:
+                values[key.section, key.name] = running.value(key)
+        return Config(values, self.source, self.overrides)
 
     @property
     def shared_listener(self) -> bool:
@@ -359,7 +377,7 @@ def load_config(path: Optional[str] = None, environ: Optional[Mapping] = None,
             values[key.section, key.name] = key.parse(raw[key.section, key.name])
         except ValueError as error:
             raise ConfigError(f"{key.label} ({origin[key.section, key.name]}): {error}") from None
-    config = Config(values, source=path)
+    config = Config(values, source=path, overrides=overrides)
     _check_combination(config)
     return config
 

@@ -180,7 +180,7 @@ class ListenerFactory(Factory):
     def __init__(self, routes: Routes, reactor, head_timeout: float = 10.0):
         self.routes = routes
         self._reactor = reactor
-        self._head_timeout = head_timeout
+        self.head_timeout = head_timeout
 
     def buildProtocol(self, addr):
-        return HandshakeRouter(self.routes, self._reactor, self._head_timeout)
+        return HandshakeRouter(self.routes, self._reactor, self.head_timeout)

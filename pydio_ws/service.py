@@ -33,12 +33,19 @@ class Options(usage.Options):
     """Command line of `twistd pydio-ws`: --config plus one option per config key."""
 
     synopsis = "[--config FILE] [--public-host H] [--public-port P] ..."
-    optParameters = [["config", "c", None, "INI configuration file."]] + [
+    optParameters = [
+        ["config", "c", None, "INI configuration file."],
+        ["log-format", None, "text", "Log output: text or json (one JSON object per line)."],
+    ] + [
         [key.option, None, None, f"{key.help} [env {key.env_var}, default {key.default!r}]"]
         for key in KEYS if not key.secret
     ]
 
     def postOptions(self):
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(f"--log-format: expected text or json, got {self['log-format']!r}")
+        if self["log-format"] == "json" and self.parent is not None:
+            self.parent["logger"] = "pydio_ws.logs.json_observer"
         overrides = {
             (key.section, key.name): self[key.option]
             for key in KEYS if not key.secret and self[key.option] is not None
@@ -86,10 +93,17 @@ def preflight(config, now: datetime) -> list:
 class ListenerService(service.Service):
     """Listens on one endpoint; a bind failure raises, so startup stops."""
 
-    def __init__(self, endpoint, factory):
+    def __init__(self, endpoint, factory, routes):
         self._endpoint = endpoint
         self._factory = factory
+        self._routes = routes
         self.port = None
+
+    def apply_limits(self, limits, max_body_size: int) -> None:
+        """Reloadable settings of the router and the HTTP site."""
+        self._routes.site.max_body_size = max_body_size
+        listener_factory = getattr(self._factory, "wrappedFactory", self._factory)
+        listener_factory.head_timeout = limits.handshake_timeout
 
     def privilegedStartService(self):
         listening = self._endpoint.listen(self._factory)
@@ -204,7 +218,7 @@ class PydioWSService(service.MultiService):
                 raise ConfigError(str(error)) from None
             self._warn_if_expiring(files.label, self._tls[name].credentials)
             factory = TLSMemoryBIOFactory(self._tls[name], False, factory)
-        listener = ListenerService(server_endpoint(self._reactor, host, port), factory)
+        listener = ListenerService(server_endpoint(self._reactor, host, port), factory, routes)
         listener.setName(name)
         listener.setServiceParent(self)
 
@@ -217,7 +231,44 @@ class PydioWSService(service.MultiService):
                            summary=describe_certificate(credentials, self._now()))
 
     def reload(self) -> None:
-        """Re-read TLS files for new connections (SIGHUP); a failure keeps the old ones."""
+        """SIGHUP: re-read the configuration and the TLS files, applying what can change
+        in place; open connections stay. An invalid configuration is rejected whole."""
+        if self.config.source:
+            self._reload_config()
+        self._reload_tls()
+
+    def _reload_config(self) -> None:
+        try:
+            new = self.config.reloaded()
+            preflight(new, self._now())
+            private_key = resolve_private_key(new)
+        except ConfigError as error:
+            self._log.error("configuration reload rejected, keeping the current one: {reason}",
+                            reason=str(error))
+            return
+        restart = [key.label for key in KEYS
+                   if not key.reloadable and new.value(key) != self.config.value(key)]
+        if restart:
+            self._log.warn("changed keys take effect only after a restart: {keys}",
+                           keys=", ".join(restart))
+        self.config = new.with_restart_values_of(self.config)
+        self.private_key = private_key
+        self._apply_reloadable()
+        self._log.info("configuration reloaded from {source}; private key from {key_source}",
+                       source=self.config.source, key_source=private_key.source)
+
+    def _apply_reloadable(self) -> None:
+        """Push the reloadable settings of self.config into the running objects."""
+        limits = self.config.limits
+        self.browser_factory.origins = self._origin_policy()
+        self.browser_factory.authenticator = self._authenticator()
+        self.browser_factory.apply_limits(limits)
+        self._publisher_factory.apply_limits(limits)
+        self._key_failures.configure(limits.max_auth_failures, limits.auth_failure_window)
+        for listener in self:
+            listener.apply_limits(limits, self.config.private.max_body_size)
+
+    def _reload_tls(self) -> None:
         for name, context_factory in self._tls.items():
             try:
                 credentials = context_factory.reload(self._now())
