@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pydio_ws.auth import AuthError, HandshakeRequest
+from pydio_ws.batching import TurnBatcher, send_now
 from pydio_ws.commands import REGISTER, UNREGISTER, parse_command
 from pydio_ws.limits import client_address
 from pydio_ws.wsbase import ServerFactoryBase, ServerProtocolBase
@@ -33,18 +34,23 @@ CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_POLICY_VIOLATION = 1008
 
 
-def frame_message(message) -> PreparedMessage:
-    """Frame a message's CONTENT once, as an unmasked, uncompressed text frame."""
-    return PreparedMessage(message.content.encode("utf-8"), False, False, True)
+def frame_message(message) -> bytes:
+    """Frame a message's CONTENT once: the bytes of an unmasked text frame.
+
+    Browsers never get permessage-deflate (the factory accepts no compression offer),
+    so the same bytes are valid on every connection.
+    """
+    return PreparedMessage(message.content.encode("utf-8"), False, False, True).payloadHybi
 
 
 @implementer(IPushProducer)
 class BrowserProtocol(ServerProtocolBase):
     """One browser connection: identify at the handshake, then relay commands.
 
-    It is the streaming producer of its transport: while the transport's buffer is
-    full, frames wait in a backlog, and a backlog over `max_pending_bytes` closes the
-    connection (slow consumer) instead of growing without bound.
+    Delivered frames are batched for the reactor turn (see `pydio_ws.batching`). The
+    protocol is the streaming producer of its transport: while the transport's buffer
+    is full, batches wait in a backlog, and a backlog over `max_pending_bytes` closes
+    the connection (slow consumer) instead of growing without bound.
     """
 
     _log = Logger()
@@ -56,6 +62,7 @@ class BrowserProtocol(ServerProtocolBase):
         self._client = None
         self._counted = False
         self._paused = False
+        self._batch = []
         self._backlog = []
         self._backlog_bytes = 0
 
@@ -100,23 +107,40 @@ class BrowserProtocol(ServerProtocolBase):
         self._log.info("browser {peer} connected as {user_id}",
                        peer=self._peer_host, user_id=identity.user_id)
 
-    def _deliver(self, prepared: PreparedMessage) -> None:
-        if self.state != WebSocketProtocol.STATE_OPEN:
+    def _deliver(self, frame: bytes) -> None:
+        """Broker callback: add a framed message to this turn's batch."""
+        if self._batch:
+            self._batch.append(frame)
+        elif self.state == WebSocketProtocol.STATE_OPEN:
+            self._batch = [frame]
+            self.factory.batcher.mark(self, self._flush_batch)
+
+    def _flush_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        if not batch or self.state != WebSocketProtocol.STATE_OPEN:
             return
+        data = batch[0] if len(batch) == 1 else b"".join(batch)
         if not self._paused:
-            self.sendPreparedMessage(prepared)
+            send_now(self.transport, data)
             return
-        self._backlog.append(prepared.payloadHybi)
-        self._backlog_bytes += len(prepared.payloadHybi)
+        self._backlog.append(data)
+        self._backlog_bytes += len(data)
         if self._backlog_bytes > self.factory.max_pending_bytes:
             self._drop_slow_consumer()
 
     def _drop_slow_consumer(self) -> None:
         self.factory.stats.slow_consumers += 1
-        self._log.warn("browser {peer} ({user_id}) is a slow consumer: {pending} bytes pending, closing 1008",
-                       peer=self._peer_host, user_id=self._identity.user_id, pending=self._backlog_bytes)
+        self._log.warn("browser {peer} ({user_id}) is a slow consumer: {pending} bytes pending, "
+                       "closing 1008", peer=self._peer_host, user_id=self._identity.user_id,
+                       pending=self._backlog_bytes)
         self._backlog, self._backlog_bytes = [], 0
         self.sendCloseFrame(CLOSE_POLICY_VIOLATION, b"slow consumer")
+
+    def sendCloseFrame(self, code=None, reasonUtf8=None, isReply=False):
+        """Send what this turn delivered before the close frame, never after it."""
+        self.factory.batcher.forget(self)
+        self._flush_batch()
+        super().sendCloseFrame(code, reasonUtf8, isReply)
 
     def pauseProducing(self):
         self._paused = True
@@ -160,6 +184,8 @@ class BrowserProtocol(ServerProtocolBase):
                        peer=self._peer_host, user_id=self._identity.user_id, repo_id=repo_id)
 
     def onClose(self, wasClean, code, reason):
+        self.factory.batcher.forget(self)
+        self._batch = []
         if self._counted:
             self._counted = False
             self.factory.counter.release(self._client)
@@ -188,6 +214,7 @@ class BrowserFactory(ServerFactoryBase):
         self.failures = failures
         self.trusted_proxies = ()
         self.max_pending_bytes = 4 * 1024 * 1024
+        self.batcher = TurnBatcher(reactor)
         self._open = set()
         self.setProtocolOptions(versions=[13], webStatus=False, failByDrop=False)
 
