@@ -6,6 +6,7 @@ key_file, PYDIO_WS_PRIVATE_KEY, or the generated key file), never from the comma
 
 import argparse
 import json
+import ssl
 import sys
 import time
 from datetime import datetime, timezone
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--user")
     publish.add_argument("--group")
     publish.add_argument("--config")
+    publish.add_argument("--ca-file", help="CA bundle to verify an https private endpoint")
 
     check = commands.add_parser("check-config", help="validate a configuration file")
     check.add_argument("file")
@@ -93,8 +95,9 @@ def _publish(args) -> int:
     request = urllib.request.Request(
         private_url(config), data=json.dumps(message).encode("utf-8"), method="POST",
         headers={"Content-Type": "application/json", "X-Pydio-Key": key})
+    context = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else None
     try:
-        with urllib.request.urlopen(request, timeout=PUBLISH_TIMEOUT) as response:
+        with urllib.request.urlopen(request, timeout=PUBLISH_TIMEOUT, context=context) as response:
             print(response.read().decode("utf-8", "replace").strip())
             return 0
     except urllib.error.HTTPError as error:
@@ -106,11 +109,12 @@ def _publish(args) -> int:
 
 
 def private_url(config) -> str:
-    """The URL of the private publish endpoint as configured."""
+    """The URL of the private publish endpoint as configured (https when it uses TLS)."""
     host = config.private.host
     if ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{config.private.port}{config.private.path}"
+    secure = config.public.ssl if config.shared_listener else config.private.ssl
+    return f"{'https' if secure else 'http'}://{host}:{config.private.port}{config.private.path}"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from pydio_ws.auth import TokenAuthenticator
 from pydio_ws.cli import DEFAULT_TTL, main
+from tests.certs import make_test_certs
 from tests.support import KEY, ServerFixture, registered_browser, temp_dir
 
 
@@ -129,6 +130,20 @@ class PublishCommandTests(unittest.TestCase):
                                             "<tree/>", "--user", "alice", "--group", "/sales")
         self.assertEqual((code, out, err), (0, '{"published": 1}\n', ""))
         self.assertEqual(await browser.next_message(), b"<tree/>")
+
+    async def test_publish_over_https(self):
+        """With a TLS private listener, publish uses https and verifies it with --ca-file."""
+        certs = make_test_certs(self)
+        server = ServerFixture.start(self, shared=False, private_ssl="true",
+                                     private_ssl_cert=certs.server_cert, private_ssl_key=certs.server_key)
+        config = write_config(self, f"[private]\nhost = localhost\nport = {server.private_port}\n"
+                                    f"key = {KEY}\nssl = true\nssl_cert = {certs.server_cert}\n"
+                                    f"ssl_key = {certs.server_key}\n")
+        code, out, _ = await self.publish(config, "--repo", "1", "--content", "x", "--ca-file", certs.ca)
+        self.assertEqual((code, out), (0, '{"published": 1}\n'))
+        code, _, err = await self.publish(config, "--repo", "1", "--content", "x")
+        self.assertEqual(code, 1)
+        self.assertIn("https://localhost", err)
 
     async def test_publish_with_wrong_key(self):
         """publish with the wrong key exits 1 and reports the 401 on stderr."""
