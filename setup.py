@@ -15,12 +15,14 @@ setup(
     install_requires=[
         "Twisted[tls]>=23.10",
         "autobahn>=23.6",
-        "pyOpenSSL>=23.2",
+        "pyOpenSSL>=24.3",
         "service-identity>=23.1",
         "treq>=23.11",
         "PyJWT>=2.8",
         "defusedxml>=0.7.1",
-        "cryptography>=41",
+        "cryptography>=42",
+        "txredisapi>=1.6.0",
+        "hiredis>=3.0",
     ],
     extras_require={
         "test": ["pytest>=7.4", "hypothesis>=6.90"],

@@ -171,10 +171,17 @@ def parse_http_url(raw: str) -> str:
 
 
 def parse_broker_url(raw: str) -> str:
+    """memory:// (one process), or redis://[[user]:password@]host[:port][/db] or rediss://."""
+    # Imported here: the Redis client loads only where a broker URL is parsed.
+    from pydio_ws.redis_backend import parse_redis_url, redact_url
     url = raw.strip()
-    if urlsplit(url).scheme != "memory":
-        raise ValueError(f"only memory:// is supported, got {raw!r}")
-    return url
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        return url
+    if scheme in ("redis", "rediss"):
+        parse_redis_url(url)
+        return url
+    raise ValueError(f"expected memory://, redis:// or rediss://, got {redact_url(raw)!r}")
 
 
 def parse_readable_file(raw: str) -> str:
@@ -190,9 +197,9 @@ def default_generated_key_file() -> str:
 
 
 KEYS = (
-    Key("public", "host", parse_str, "localhost", "Interface browsers connect to.",
+    Key("public", "host", parse_str, "localhost", "Interface the browser listener binds to.",
         reloadable=False),
-    Key("public", "port", parse_port, "8090", "Port browsers connect to.", reloadable=False),
+    Key("public", "port", parse_port, "8090", "Port the browser listener binds to.", reloadable=False),
     Key("public", "path", parse_url_path, "/public", "WebSocket path for browsers.", reloadable=False),
     Key("public", "ssl", parse_bool, "false", "Serve wss:// (TLS 1.2+) to browsers.",
         reloadable=False),
@@ -202,11 +209,12 @@ KEYS = (
     Key("public", "ssl_client_ca", parse_str, "",
         "PEM CA(s): when set, client certificates are required and verified.", reloadable=False),
     Key("public", "allowed_origins", parse_origins, "",
-        "Comma list of origins allowed to open a browser socket; empty = any."),
-    Key("private", "host", parse_str, "localhost", "Interface the Pydio host publishes to.",
+        "Comma list of origins allowed to open a browser socket; empty = any "
+        "(in pydio auth mode: only pydio_url's origin)."),
+    Key("private", "host", parse_str, "localhost", "Interface the publisher listener binds to.",
         reloadable=False),
     Key("private", "port", parse_port, "8090",
-        "Port the Pydio host publishes to; equal host:port with public = one shared listener.",
+        "Port of the publisher listener; equal host:port with public = one shared listener.",
         reloadable=False),
     Key("private", "path", parse_url_path, "/private", "Path of the publish endpoint.", reloadable=False),
     Key("private", "key", parse_str, "",
@@ -258,7 +266,11 @@ KEYS = (
         "Seconds over which failed authentications are counted."),
     Key("limits", "trusted_proxies", parse_networks, "",
         "Proxies whose X-Forwarded-For gives the client IP (IPs, CIDRs or host names)."),
-    Key("broker", "url", parse_broker_url, "memory://", "Broker backend: memory:// (one process).",
+    Key("broker", "url", parse_broker_url, "memory://",
+        "memory:// (one process) or redis://[:password@]host:port/db, rediss:// for TLS.",
+        reloadable=False),
+    Key("server", "workers", parse_positive_int, "1",
+        "Processes sharing the listeners (SO_REUSEPORT); more than 1 needs a redis:// broker.",
         reloadable=False),
 )
 
@@ -397,6 +409,9 @@ def _check_combination(config: Config) -> None:
                     "setting; set it under [public] only")
     if config.auth.mode == "pydio" and not config.auth.pydio_url:
         raise ConfigError("auth.pydio_url is required when auth.mode = pydio")
+    if config.server.workers > 1 and urlsplit(config.broker.url).scheme == "memory":
+        raise ConfigError(f"server.workers = {config.server.workers} needs a redis:// broker.url: "
+                          "the memory broker cannot join processes")
     if config.shared_listener and config.public.path == config.private.path + "/status":
         raise ConfigError("public.path collides with the private status path")
 
@@ -412,3 +427,23 @@ def sample_ini() -> str:
             lines.append(f"# env: {key.env_var}" + ("" if key.secret else f"   option: --{key.option}"))
             lines.append(f"{key.name} = {key.default}".rstrip() if not key.secret else f";{key.name} =")
     return "\n".join(lines) + "\n"
+
+
+TABLE_START = "<!-- config-table:start -->"
+TABLE_END = "<!-- config-table:end -->"
+
+
+def reference_table() -> str:
+    """The README's configuration table (Markdown), generated from the key table."""
+    lines = [TABLE_START,
+             "| Section | Key | Default | Environment variable | Option | On SIGHUP | Meaning |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for key in KEYS:
+        default = f"`{key.default}`" if key.default else "(empty)"
+        option = "none (secret)" if key.secret else f"`--{key.option}`"
+        reload = "applied" if key.reloadable else "restart"
+        meaning = key.help.replace("|", "\\|")
+        lines.append(f"| `{key.section}` | `{key.name}` | {default} | `{key.env_var}` | {option} "
+                     f"| {reload} | {meaning} |")
+    lines.append(TABLE_END)
+    return "\n".join(lines)

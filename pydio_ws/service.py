@@ -22,11 +22,14 @@ from pydio_ws.listener import ListenerFactory, Routes
 from pydio_ws.origins import OriginPolicy, normalize_origin
 from pydio_ws.private import PublisherFactory, Publisher, PublishResource, StatusResource
 from pydio_ws.public import BrowserFactory, frame_message
+from pydio_ws.redis_backend import make_backend
+from pydio_ws.sniff import TLSOrPlainFactory
 from pydio_ws.pydio_auth import PydioAuthenticator
 from pydio_ws.stats import Stats
 from pydio_ws.tls import (ReloadableServerContextFactory, ServerTLSFiles, TLSError,
                           client_tls_policy, describe_certificate, load_server_credentials)
 from pydio_ws.web import BoundedSite, UpgradeRequired, mount
+from pydio_ws.workers import ReusePortEndpoint, WorkerPool
 
 
 class Options(usage.Options):
@@ -93,17 +96,18 @@ def preflight(config, now: datetime) -> list:
 class ListenerService(service.Service):
     """Listens on one endpoint; a bind failure raises, so startup stops."""
 
-    def __init__(self, endpoint, factory, routes):
+    def __init__(self, endpoint, factory, routers):
+        """`factory` is what the endpoint serves; `routers` the ListenerFactories inside it."""
         self._endpoint = endpoint
         self._factory = factory
-        self._routes = routes
+        self._routers = routers
         self.port = None
 
     def apply_limits(self, limits, max_body_size: int) -> None:
-        """Reloadable settings of the router and the HTTP site."""
-        self._routes.site.max_body_size = max_body_size
-        listener_factory = getattr(self._factory, "wrappedFactory", self._factory)
-        listener_factory.head_timeout = limits.handshake_timeout
+        """Reloadable settings of the routers and their HTTP sites."""
+        for router in self._routers:
+            router.routes.site.max_body_size = max_body_size
+            router.head_timeout = limits.handshake_timeout
 
     def privilegedStartService(self):
         listening = self._endpoint.listen(self._factory)
@@ -143,15 +147,16 @@ class PydioWSService(service.MultiService):
 
     _log = Logger()
 
-    def __init__(self, config, reactor, handle_signals: bool = False):
+    def __init__(self, config, reactor, handle_signals: bool = False, worker_index: int = 0):
         super().__init__()
         self.config = config
         self._reactor = reactor
+        self._worker_index = worker_index
         self._handle_signals = handle_signals
         self._tls = {}
         self.stats = Stats(reactor.seconds())
         self.private_key = resolve_private_key(config)
-        self.broker = Broker(frame_message, stats=self.stats)
+        self.broker = Broker(frame_message, backend=make_backend(config, reactor), stats=self.stats)
         limits = config.limits
         self._key_failures = FailureLimiter(reactor, limits.max_auth_failures, limits.auth_failure_window)
         gate = PublisherGate(lambda: self.config.private.authorized_hosts, self._current_key,
@@ -172,9 +177,12 @@ class PydioWSService(service.MultiService):
             root = Resource()
             mount(root, public.path, UpgradeRequired())
             mount(root, private.path, private_resource)
-            routes = Routes(BoundedSite(root, private.max_body_size, reactor),
-                            public.path, self.browser_factory, private.path, publisher_factory)
-            self._add_listener("listener-shared", public.host, public.port, routes)
+            site = BoundedSite(root, private.max_body_size, reactor)
+            routes = Routes(site, public.path, self.browser_factory, private.path, publisher_factory)
+            # Pydio 6 publishes in plain text even when its browsers use wss://.
+            plain_routes = None if private.ssl else Routes(
+                site, publisher_path=private.path, publishers=publisher_factory)
+            self._add_listener("listener-shared", public.host, public.port, routes, plain_routes)
         else:
             public_root, private_root = Resource(), Resource()
             mount(public_root, public.path, UpgradeRequired())
@@ -184,6 +192,13 @@ class PydioWSService(service.MultiService):
             self._add_listener("listener-private", private.host, private.port, Routes(
                 BoundedSite(private_root, private.max_body_size, reactor),
                 publisher_path=private.path, publishers=publisher_factory))
+        if config.server.workers > 1 and worker_index == 0:
+            WorkerPool(reactor, config, self._bound_ports).setServiceParent(self)
+
+    def _bound_ports(self) -> dict:
+        """The ports the listeners really got, for the other workers to share."""
+        names = listener_names(self.config)
+        return {"public": self.listening_port(names[0]), "private": self.listening_port(names[-1])}
 
     def _current_key(self) -> str:
         """The private key now (collaborators call this at each use, so a reload applies)."""
@@ -208,8 +223,11 @@ class PydioWSService(service.MultiService):
             allowed = (normalize_origin(self.config.auth.pydio_url),)
         return OriginPolicy(allowed)
 
-    def _add_listener(self, name, host, port, routes):
-        factory = ListenerFactory(routes, self._reactor, self.config.limits.handshake_timeout)
+    def _add_listener(self, name, host, port, routes, plain_routes=None):
+        """Listen for `routes`; on a TLS listener, `plain_routes` serve non-TLS connections."""
+        timeout = self.config.limits.handshake_timeout
+        routers = [ListenerFactory(routes, self._reactor, timeout)]
+        factory = routers[0]
         files = listener_tls(self.config, name)
         if files is not None:
             try:
@@ -218,7 +236,14 @@ class PydioWSService(service.MultiService):
                 raise ConfigError(str(error)) from None
             self._warn_if_expiring(files.label, self._tls[name].credentials)
             factory = TLSMemoryBIOFactory(self._tls[name], False, factory)
-        listener = ListenerService(server_endpoint(self._reactor, host, port), factory, routes)
+            if plain_routes is not None:
+                routers.append(ListenerFactory(plain_routes, self._reactor, timeout))
+                factory = TLSOrPlainFactory(self._reactor, factory, routers[1], timeout)
+        if self.config.server.workers > 1:
+            endpoint = ReusePortEndpoint(self._reactor, host, port)
+        else:
+            endpoint = server_endpoint(self._reactor, host, port)
+        listener = ListenerService(endpoint, factory, routers)
         listener.setName(name)
         listener.setServiceParent(self)
 
@@ -265,8 +290,8 @@ class PydioWSService(service.MultiService):
         self.browser_factory.apply_limits(limits)
         self._publisher_factory.apply_limits(limits)
         self._key_failures.configure(limits.max_auth_failures, limits.auth_failure_window)
-        for listener in self:
-            listener.apply_limits(limits, self.config.private.max_body_size)
+        for name in listener_names(self.config):
+            self.getServiceNamed(name).apply_limits(limits, self.config.private.max_body_size)
 
     def _reload_tls(self) -> None:
         for name, context_factory in self._tls.items():

@@ -31,7 +31,16 @@ class ServerFactoryBase(WebSocketServerFactory):
 
 
 class ServerProtocolBase(WebSocketServerProtocol):
-    """A WebSocketServerProtocol that leaves no timer behind when its connection ends."""
+    """A WebSocketServerProtocol that leaves no timer behind when its connection ends,
+    and sends small frames at once (TCP_NODELAY)."""
+
+    def _connectionMade(self):
+        super()._connectionMade()
+        # Autobahn sets TCP_NODELAY before it copies the option from the factory, so
+        # it never takes effect; without it, a lone push waits for the delayed ACK.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
 
     def _connectionLost(self, reason):
         for name in _TIMERS_LEFT_BY_AUTOBAHN:

@@ -3,7 +3,7 @@
 See ../shared/fixtures/phpws/README.md: an absolute-form hybi-08 request head, 8 stray
 bytes, then masked text frames whose length form is not always the minimal one. Besides
 generating those bytes, `parse_client_stream` takes a capture apart so tests can check
-the generator against the real thing.
+the generator against the real thing, and `legacy_publish` plays the client on a socket.
 """
 
 import base64
@@ -11,6 +11,11 @@ import os
 import random
 import struct
 from typing import List, NamedTuple, Optional, Tuple, Union
+
+from twisted.internet import defer
+
+from pydio_ws.phpserialize import dumps
+from tests.support import raw_connect
 
 STRAY_BYTE_COUNT = 8
 WRITE_PIECE = 4096
@@ -128,3 +133,23 @@ def parse_client_stream(data: bytes) -> Tuple[bytes, bytes, List[bytes]]:
     frames_start = head_end + STRAY_BYTE_COUNT
     frames = parse_frames(data[frames_start:])
     return data[:head_end], data[head_end:frames_start], [frame.payload for frame in frames]
+
+
+def php_message(content: str, repo="1", **fields) -> bytes:
+    """PHP serialize() of a message array, as the PHP host publishes it."""
+    return dumps({"REPO_ID": repo, "CONTENT": content, **fields})
+
+
+async def legacy_publish(port: int, head: bytes, stray: bytes, frames: bytes, piece: int = 4096):
+    """Act like the PHP client: head and stray bytes, read once, frames in pieces, TCP close.
+
+    Returns the server's answer to the head.
+    """
+    client = await raw_connect(port)
+    client.transport.write(head + stray)
+    answer = await defer.DeferredList([client.head, client.done], fireOnOneCallback=True)
+    for chunk in split_writes(frames, piece):
+        client.transport.write(chunk)
+    client.transport.loseConnection()
+    await client.done
+    return answer[0]

@@ -173,8 +173,12 @@ class InvalidValueTests(_TempFiles, unittest.TestCase):
         self.assertRefused("auth.mode", auth_mode="ldap")
 
     def test_unsupported_broker(self):
-        """A broker.url other than memory:// is refused naming broker.url."""
-        self.assertRefused("broker.url", broker_url="redis://localhost")
+        """A broker.url other than memory://, redis:// or rediss:// is refused naming broker.url."""
+        self.assertRefused("broker.url", broker_url="amqp://localhost")
+
+    def test_workers_need_redis(self):
+        """More than one worker with the memory broker is refused naming server.workers."""
+        self.assertRefused("server.workers", server_workers="2")
 
     def test_not_an_ini_file(self):
         """A file that is not INI is refused with one line naming the file."""

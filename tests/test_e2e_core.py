@@ -224,3 +224,14 @@ class PrivateEndpointTests(unittest.TestCase):
         server = ServerFixture.start(self, private_authorized_hosts="10.0.0.0/8")
         status, _ = await request(self, "GET", server.private_url + "/status")
         self.assertEqual(status, 403)
+
+
+class SocketOptionTests(unittest.TestCase):
+    """Browser sockets are tuned for small, latency-sensitive pushes."""
+
+    async def test_browser_socket_has_tcp_nodelay(self):
+        """The server side of a browser connection sets TCP_NODELAY."""
+        server = ServerFixture.start(self)
+        await registered_browser(self, server, "1")
+        [protocol] = server.service.browser_factory._open
+        self.assertTrue(protocol.transport.getTcpNoDelay())

@@ -9,18 +9,14 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.trial import unittest
 
 from pydio_ws.phpserialize import dumps, loads
-from tests.legacy_publisher import (legacy_frame, legacy_handshake, parse_client_stream,
-                                    split_writes, stray_bytes)
+from tests.legacy_publisher import (legacy_frame, legacy_handshake, legacy_publish,
+                                    parse_client_stream, php_message, stray_bytes)
 from tests.support import (KEY, BrowserProtocol, ServerFixture, connect_browser, handshake_status,
                            post, raw_connect, registered_browser, status_of, token, wait_until,
                            ws_handshake)
 
 FIXTURES = Path(__file__).resolve().parent.parent / ".." / "shared" / "fixtures" / "phpws"
 HEAD_AND_STRAY = 243 + 8
-
-
-def php_message(content: str, repo="1", **fields) -> bytes:
-    return dumps({"REPO_ID": repo, "CONTENT": content, **fields})
 
 
 def content_of_size(size: int, marker: str) -> str:
@@ -31,21 +27,6 @@ def content_of_size(size: int, marker: str) -> str:
         if len(php_message(content)) == size:
             return content
     raise ValueError(f"cannot make a {size}-byte payload")
-
-
-async def legacy_publish(port: int, head: bytes, stray: bytes, frames: bytes, piece: int = 4096):
-    """Act like the PHP client: head and stray bytes, read once, frames in pieces, TCP close.
-
-    Returns the server's answer to the head.
-    """
-    client = await raw_connect(port)
-    client.transport.write(head + stray)
-    answer = await defer.DeferredList([client.head, client.done], fireOnOneCallback=True)
-    for chunk in split_writes(frames, piece):
-        client.transport.write(chunk)
-    client.transport.loseConnection()
-    await client.done
-    return answer[0]
 
 
 class LegacyPublisherTests(unittest.TestCase):

@@ -16,7 +16,10 @@ from pydio_ws.service import Options
 from pydio_ws.tls import ReloadableServerContextFactory, ServerTLSFiles
 from tests.certs import make_test_certs
 from tests.fake_pydio import FakePydio, Reply, registry
-from tests.support import KEY, ServerFixture, connect_browser, post, temp_dir, token, wait_until
+from tests.legacy_publisher import (legacy_frame, legacy_handshake, legacy_publish, php_message,
+                                    stray_bytes)
+from tests.support import (KEY, ServerFixture, connect_browser, handshake_status, post, status_of,
+                           temp_dir, token, wait_until, ws_handshake)
 
 
 def trusting(ca_path: str, client_cert: str = "", client_key: str = ""):
@@ -221,3 +224,42 @@ def serial(browser) -> int:
 
 async def wait_registered(server, repo):
     await wait_until(lambda: server.service.broker.registered_counts().get(repo) == 1)
+
+
+class PlainPublisherOnTLSListenerTests(unittest.TestCase):
+    """Pydio 6 publishes in plain ws:// to the port its browsers reach with wss://."""
+
+    def setUp(self):
+        self.certs = make_test_certs(self)
+
+    def start(self, **settings):
+        return ServerFixture.start(self, public_path="/ws", private_path="/ws", public_ssl="true",
+                                   public_ssl_cert=self.certs.server_cert,
+                                   public_ssl_key=self.certs.server_key, **settings)
+
+    async def test_plain_legacy_publisher_reaches_wss_browser(self):
+        """With private.ssl false, a plain legacy publisher on the TLS port reaches a wss browser."""
+        server = self.start()
+        browser = await connect_browser(self, f"wss://localhost:{server.public_port}/ws?token={token()}",
+                                        server.public_port, tls=trusting(self.certs.ca))
+        browser.say("register:1")
+        await wait_registered(server, "1")
+        head = legacy_handshake("127.0.0.1", server.public_port, "/ws", KEY)
+        answer = await legacy_publish(server.public_port, head, stray_bytes(),
+                                      legacy_frame(php_message("plain publisher")))
+        self.assertEqual(status_of(answer), 101)
+        self.assertEqual(await browser.next_message(), b"plain publisher")
+
+    async def test_plain_browser_is_refused(self):
+        """A plain-text browser handshake on the TLS port is not served as a browser."""
+        server = self.start()
+        request = ws_handshake(f"/ws?token={token()}", server.public_port)
+        self.assertEqual(await handshake_status(server.public_port, request), 401)
+
+    async def test_private_ssl_true_means_tls_only(self):
+        """With private.ssl true as well, a plain publisher gets no HTTP answer at all."""
+        server = self.start(private_ssl="true", private_ssl_cert=self.certs.server_cert,
+                            private_ssl_key=self.certs.server_key)
+        head = legacy_handshake("127.0.0.1", server.public_port, "/ws", KEY)
+        answer = await legacy_publish(server.public_port, head, stray_bytes(), b"")
+        self.assertFalse(answer.startswith(b"HTTP/1.1"))
