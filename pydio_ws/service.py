@@ -193,7 +193,9 @@ class PydioWSService(service.MultiService):
                 BoundedSite(private_root, private.max_body_size, reactor),
                 publisher_path=private.path, publishers=publisher_factory))
         if config.server.workers > 1 and worker_index == 0:
-            WorkerPool(reactor, config, self._bound_ports).setServiceParent(self)
+            pool = WorkerPool(reactor, config, self._bound_ports)
+            pool.setName("workers")
+            pool.setServiceParent(self)
 
     def _bound_ports(self) -> dict:
         """The ports the listeners really got, for the other workers to share."""

@@ -11,7 +11,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
 from pydio_ws.config import load_config
 from pydio_ws.service import PydioWSService
-from pydio_ws.workers import SPEC_ENV, spec_overrides
+from pydio_ws.workers import READY_FD, SPEC_ENV, spec_overrides
 
 
 class _ParentWatch(Protocol):
@@ -32,6 +32,8 @@ async def run(reactor, spec: dict):
     pydio = PydioWSService(config, reactor, worker_index=spec["index"])
     pydio.startService()
     reactor.addSystemEventTrigger("before", "shutdown", pydio.stopService)
+    os.write(READY_FD, b"ready\n")
+    os.close(READY_FD)
     log.info("worker {index} serving", index=spec["index"])
     parent_gone = defer.Deferred()
     stdio.StandardIO(_ParentWatch(parent_gone), reactor=reactor)

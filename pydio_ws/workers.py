@@ -8,7 +8,8 @@ its own listeners are bound (so port 0 resolves to one real port for all), and s
 them when it stops. A worker exits when process 0 goes away (its stdin closes).
 
 The worker's instructions travel in the environment (`PYDIO_WS_WORKER_SPEC`): the
-config file, the command-line overrides and the real ports; secrets never in argv.
+config file, the command-line overrides and the real ports; secrets never in argv. A
+worker reports that it listens by writing a line on file descriptor 3.
 """
 
 import json
@@ -24,6 +25,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 SPEC_ENV = "PYDIO_WS_WORKER_SPEC"
+READY_FD = 3
 LISTEN_BACKLOG = 1024
 KILL_AFTER = 5.0
 
@@ -76,13 +78,20 @@ def spec_overrides(spec: dict) -> dict:
 
 
 class _WorkerProcess(protocol.ProcessProtocol):
-    """Watches one worker process; `ended` fires when it has exited."""
+    """Watches one worker process: `ready` fires once it listens, `ended` when it exits."""
 
     def __init__(self, index: int):
         self.index = index
+        self.ready = defer.Deferred()
         self.ended = defer.Deferred()
 
+    def childDataReceived(self, childFD, data):
+        if childFD == READY_FD and not self.ready.called:
+            self.ready.callback(self.index)
+
     def processEnded(self, reason):
+        if not self.ready.called:
+            self.ready.errback(RuntimeError(f"worker {self.index} exited before it was ready"))
         self.ended.callback(reason.value)
 
 
@@ -105,9 +114,16 @@ class WorkerPool(service.Service):
             env = dict(os.environ, **{SPEC_ENV: worker_spec(self._config, index, self._ports())})
             worker.transport = self._reactor.spawnProcess(
                 worker, sys.executable, [sys.executable, "-m", "pydio_ws.worker"], env=env,
-                childFDs={0: "w", 1: 1, 2: 2})
+                childFDs={0: "w", 1: 1, 2: 2, READY_FD: "r"})
+            worker.ready.addCallbacks(
+                lambda index: self._log.info("worker {index} ready", index=index),
+                lambda failure: self._log.error("{reason}", reason=str(failure.value)))
             self._workers.append(worker)
             self._log.info("started worker {index} (pid {pid})", index=index, pid=worker.transport.pid)
+
+    def ready(self):
+        """Fires when every worker listens (or fails if one exits first)."""
+        return defer.gatherResults([worker.ready for worker in self._workers], consumeErrors=True)
 
     def stopService(self):
         super().stopService()
