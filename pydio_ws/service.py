@@ -263,6 +263,8 @@ class PydioWSService(service.MultiService):
         if self.config.source:
             self._reload_config()
         self._reload_tls()
+        if self.config.server.workers > 1 and self._worker_index == 0:
+            self.getServiceNamed("workers").signal_all(signal.SIGHUP)
 
     def _reload_config(self) -> None:
         try:

@@ -125,6 +125,11 @@ class WorkerPool(service.Service):
         """Fires when every worker listens (or fails if one exits first)."""
         return defer.gatherResults([worker.ready for worker in self._workers], consumeErrors=True)
 
+    def signal_all(self, signum: int) -> None:
+        """Pass a signal on to every worker (SIGHUP: they reload too)."""
+        for worker in self._workers:
+            self._signal(worker, signum)
+
     def stopService(self):
         super().stopService()
         return defer.Deferred.fromCoroutine(self._stop_workers())
