@@ -87,21 +87,57 @@ class Routes:
         return None
 
 
-class HandshakeRouter(Protocol):
-    """Buffers the request head, then forwards the connection to the chosen protocol."""
+class HandOver(Protocol):
+    """Looks at a connection's first bytes, then hands it to the protocol they call for.
+
+    Until then it holds a deadline: a peer that does not send enough in time is dropped.
+    Afterwards it only forwards bytes and the connection loss to that protocol.
+    """
 
     _log = Logger()
+    awaited = "data"
 
-    def __init__(self, routes: Routes, reactor, head_timeout: float):
-        self._routes = routes
+    def __init__(self, reactor, timeout: float):
         self._reactor = reactor
-        self._head_timeout = head_timeout
-        self._buffer = b""
+        self._timeout = timeout
         self._inner: Optional[Protocol] = None
         self._timer = None
 
     def connectionMade(self):
-        self._timer = self._reactor.callLater(self._head_timeout, self._timed_out)
+        self._timer = self._reactor.callLater(self._timeout, self._timed_out)
+
+    def _hand_over(self, factory: Factory, data: bytes) -> None:
+        self._cancel_timer()
+        self._inner = factory.buildProtocol(self.transport.getPeer())
+        self._inner.makeConnection(self.transport)
+        self._inner.dataReceived(data)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._log.info("dropped {peer}: no {awaited} within {seconds} s",
+                       peer=self.transport.getPeer().host, awaited=self.awaited, seconds=self._timeout)
+        self.transport.abortConnection()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def connectionLost(self, reason):
+        self._cancel_timer()
+        if self._inner is not None:
+            self._inner.connectionLost(reason)
+
+
+class HandshakeRouter(HandOver):
+    """Buffers the request head, then forwards the connection to the chosen protocol."""
+
+    awaited = "complete request head"
+
+    def __init__(self, routes: Routes, reactor, head_timeout: float):
+        super().__init__(reactor, head_timeout)
+        self._routes = routes
+        self._buffer = b""
 
     def dataReceived(self, data):
         if self._inner is not None:
@@ -119,20 +155,14 @@ class HandshakeRouter(Protocol):
             self._refuse(error.status, error.reason)
 
     def _route(self, head: Head) -> None:
-        if not head.upgrade:
-            self._hand_over(self._routes.site)
-            return
-        factory = self._routes.websocket_factory(head)
-        if factory is None:
-            raise BadHead(404, f"no WebSocket endpoint at {head.path}")
-        self._hand_over(factory)
-
-    def _hand_over(self, factory: Factory) -> None:
-        self._cancel_timer()
-        self._inner = factory.buildProtocol(self.transport.getPeer())
-        self._inner.makeConnection(self.transport)
+        if head.upgrade:
+            factory = self._routes.websocket_factory(head)
+            if factory is None:
+                raise BadHead(404, f"no WebSocket endpoint at {head.path}")
+        else:
+            factory = self._routes.site
         data, self._buffer = self._buffer, b""
-        self._inner.dataReceived(data)
+        self._hand_over(factory, data)
 
     def _refuse(self, status: int, reason: str) -> None:
         self._cancel_timer()
@@ -146,22 +176,6 @@ class HandshakeRouter(Protocol):
         self._buffer = b""
         self.transport.loseConnection()
         self._inner = _Discard()
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        self._log.info("dropped {peer}: no complete request head within {seconds} s",
-                       peer=self.transport.getPeer().host, seconds=self._head_timeout)
-        self.transport.abortConnection()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def connectionLost(self, reason):
-        self._cancel_timer()
-        if self._inner is not None:
-            self._inner.connectionLost(reason)
 
 
 class _Discard(Protocol):

@@ -7,49 +7,29 @@ browsers use, even when the browsers use `wss://`. On a shared TLS listener whos
 route, and publishers are still checked (authorized host, then key).
 """
 
-from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.internet.protocol import Factory
+
+from pydio_ws.listener import HandOver
 
 TLS_HANDSHAKE_RECORD = 0x16
 
 
-class _FirstByteSniffer(Protocol):
-    """Waits for the first bytes, then hands the connection to the TLS or plain protocol."""
+class _FirstByteSniffer(HandOver):
+    """Hands the connection to the TLS or the plain protocol, by its first byte."""
 
-    _log = Logger()
+    awaited = "first byte"
 
-    def __init__(self, factory, addr):
+    def __init__(self, factory):
+        super().__init__(factory.reactor, factory.timeout)
         self._factory = factory
-        self._addr = addr
-        self._chosen = None
-        self._timer = None
-
-    def connectionMade(self):
-        self._timer = self._factory.reactor.callLater(self._factory.timeout, self._timed_out)
 
     def dataReceived(self, data):
-        if self._chosen is None:
-            self._cancel_timer()
-            chosen = self._factory.tls if data[0] == TLS_HANDSHAKE_RECORD else self._factory.plain
-            self._chosen = chosen.buildProtocol(self._addr)
-            self._chosen.makeConnection(self.transport)
-        self._chosen.dataReceived(data)
-
-    def _timed_out(self):
-        self._timer = None
-        self._log.info("dropped {peer}: sent nothing within {seconds} s",
-                       peer=self.transport.getPeer().host, seconds=self._factory.timeout)
-        self.transport.abortConnection()
-
-    def _cancel_timer(self):
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-    def connectionLost(self, reason):
-        self._cancel_timer()
-        if self._chosen is not None:
-            self._chosen.connectionLost(reason)
+        if self._inner is not None:
+            self._inner.dataReceived(data)
+        elif data[0] == TLS_HANDSHAKE_RECORD:
+            self._hand_over(self._factory.tls, data)
+        else:
+            self._hand_over(self._factory.plain, data)
 
 
 class TLSOrPlainFactory(Factory):
@@ -62,4 +42,4 @@ class TLSOrPlainFactory(Factory):
         self.timeout = timeout
 
     def buildProtocol(self, addr):
-        return _FirstByteSniffer(self, addr)
+        return _FirstByteSniffer(self)
