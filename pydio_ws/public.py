@@ -137,10 +137,21 @@ class BrowserProtocol(ServerProtocolBase):
         self.sendCloseFrame(CLOSE_POLICY_VIOLATION, b"slow consumer")
 
     def sendCloseFrame(self, code=None, reasonUtf8=None, isReply=False):
-        """Send what this turn delivered before the close frame, never after it."""
+        """Send everything delivered so far before the close frame, never after it."""
         self.factory.batcher.forget(self)
         self._flush_batch()
+        if self._backlog:
+            # Ahead of the close frame, whatever the transport's buffer holds: a message
+            # accepted before a shutdown must still reach a browser that lags behind.
+            backlog, self._backlog, self._backlog_bytes = self._backlog, [], 0
+            self.transport.write(b"".join(backlog))
         super().sendCloseFrame(code, reasonUtf8, isReply)
+
+    def onAutoPingTimeout(self):
+        self.factory.stats.ping_timeouts += 1
+        self._log.info("browser {peer} ({user_id}) did not answer a ping: dropped",
+                       peer=self._peer_host, user_id=self._identity.user_id)
+        super().onAutoPingTimeout()
 
     def pauseProducing(self):
         self._paused = True
@@ -191,6 +202,7 @@ class BrowserProtocol(ServerProtocolBase):
             self.factory.counter.release(self._client)
         if self._subscriber is None:
             return
+        self.factory.stats.closes[code] += 1
         self._subscriber.detach()
         self.factory.closed(self)
         self._log.info("browser {peer} ({user_id}) closed: code {code} {reason}",
@@ -227,7 +239,10 @@ class BrowserFactory(ServerFactoryBase):
         self.setProtocolOptions(
             maxFramePayloadSize=limits.max_message_size, maxMessagePayloadSize=limits.max_message_size,
             openHandshakeTimeout=limits.handshake_timeout, closeHandshakeTimeout=limits.close_timeout,
-            autoPingInterval=limits.ping_interval, autoPingTimeout=limits.ping_timeout)
+            autoPingInterval=limits.ping_interval, autoPingTimeout=limits.ping_timeout,
+            # Null origins go to our OriginPolicy (403) rather than Autobahn's filter (400);
+            # setProtocolOptions resets this one to False whenever it is not given.
+            allowNullOrigin=True)
 
     def refuse(self, peer_host: str, status: int, reason: str) -> None:
         """Count and log a refused browser handshake."""

@@ -14,6 +14,8 @@ class Stats:
         self.ignored_commands = 0
         self.refused_handshakes = Counter()
         self.slow_consumers = 0
+        self.ping_timeouts = 0
+        self.closes = Counter()
 
     def as_dict(self, now: float) -> dict:
         return {
@@ -24,4 +26,6 @@ class Stats:
             "handshakes_refused": {str(status): count for status, count in
                                    sorted(self.refused_handshakes.items())},
             "slow_consumers": self.slow_consumers,
+            "ping_timeouts": self.ping_timeouts,
+            "closes": {str(code): count for code, count in sorted(self.closes.items(), key=str)},
         }
