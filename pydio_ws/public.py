@@ -202,6 +202,8 @@ class BrowserProtocol(ServerProtocolBase):
             self.factory.counter.release(self._client)
         if self._subscriber is None:
             return
+        if self.closedByMe and self.localCloseCode:
+            code = self.localCloseCode  # ours is the one that says why (1008, 1009, ...)
         self.factory.stats.closes[code] += 1
         self._subscriber.detach()
         self.factory.closed(self)
