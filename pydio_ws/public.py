@@ -96,6 +96,9 @@ class BrowserProtocol(ServerProtocolBase):
             if error.status == 401:
                 self.factory.failures.record_failure(self._client)
             self._deny(error.status, error.reason)
+        except Exception:
+            self._log.failure("authenticating {peer} failed", peer=self._client)
+            self._deny(500, "internal error")
         return None
 
     def onOpen(self):

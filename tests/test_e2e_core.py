@@ -235,3 +235,15 @@ class SocketOptionTests(unittest.TestCase):
         await registered_browser(self, server, "1")
         [protocol] = server.service.browser_factory._open
         self.assertTrue(protocol.transport.getTcpNoDelay())
+
+
+class InternalErrorTests(unittest.TestCase):
+    """An unexpected failure while identifying a browser is a logged 500, not a crash."""
+
+    async def test_unexpected_authentication_error_is_500(self):
+        """With the key unavailable, the handshake gets 500 and the failure is logged."""
+        server = ServerFixture.start(self)
+        server.service.private_key = None
+        request = ws_handshake(f"/public?token={token()}", server.public_port)
+        self.assertEqual(await handshake_status(server.public_port, request), 500)
+        self.assertEqual(len(self.flushLoggedErrors(AttributeError)), 1)
