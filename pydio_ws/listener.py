@@ -1,4 +1,4 @@
-"""One listening socket: read the request head, then hand the connection to its protocol.
+"""Listening sockets: read the request head, then hand the connection to its protocol.
 
 A listener may serve the browser WebSocket, the publisher WebSocket and the private HTTP
 resources on one port. Routing happens on the raw request head, before any parser sees
@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urlsplit
 
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
@@ -198,3 +201,52 @@ class ListenerFactory(Factory):
 
     def buildProtocol(self, addr):
         return HandshakeRouter(self.routes, self._reactor, self.head_timeout)
+
+
+class ListenerService(service.Service):
+    """Listens on one endpoint; a bind failure raises, so startup stops."""
+
+    def __init__(self, endpoint, factory, routers):
+        """`factory` is what the endpoint serves; `routers` the ListenerFactories inside it."""
+        self._endpoint = endpoint
+        self._factory = factory
+        self._routers = routers
+        self.port = None
+
+    def apply_limits(self, limits, max_body_size: int) -> None:
+        """Reloadable settings of the routers and their HTTP sites."""
+        for router in self._routers:
+            router.routes.site.max_body_size = max_body_size
+            router.head_timeout = limits.handshake_timeout
+
+    def privilegedStartService(self):
+        listening = self._endpoint.listen(self._factory)
+        failures = []
+        listening.addCallbacks(self._listening, failures.append)
+        if failures:
+            error = failures[0].value
+            if isinstance(error, CannotListenError):
+                # twistd lets SystemExit through: one clear line instead of a traceback.
+                raise SystemExit(f"pydio-ws: cannot listen on {error.interface}:{error.port}: "
+                                 f"{error.socketError}")
+            failures[0].raiseException()
+        super().privilegedStartService()
+
+    def _listening(self, port):
+        self.port = port
+
+    def startService(self):
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        return defer.maybeDeferred(port.stopListening) if port else defer.succeed(None)
+
+
+def server_endpoint(reactor, host: str, port: int):
+    """The server endpoint for a listen address."""
+    description = f"tcp:port={port}:interface={endpoints.quoteStringArgument(host)}"
+    return endpoints.serverFromString(reactor, description)

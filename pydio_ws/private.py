@@ -195,15 +195,16 @@ class PublisherFactory(ServerFactoryBase):
 
     protocol = PublisherProtocol
 
-    def __init__(self, reactor, gate, publisher, max_message_size: int):
+    def __init__(self, reactor, gate, publisher):
         super().__init__(reactor)
         self.gate = gate
         self.publisher = publisher
-        self.setProtocolOptions(
-            versions=[8, 13], webStatus=False, failByDrop=False,
-            maxFramePayloadSize=max_message_size, maxMessagePayloadSize=max_message_size)
+        self.setProtocolOptions(versions=[8, 13], webStatus=False, failByDrop=False)
 
-    def apply_limits(self, limits) -> None:
-        """Take the [limits] timeouts (publishers are not pinged: they close when done)."""
-        self.setProtocolOptions(openHandshakeTimeout=limits.handshake_timeout,
-                                closeHandshakeTimeout=limits.close_timeout)
+    def apply_limits(self, limits, max_message_size: int) -> None:
+        """Take the [limits] timeouts and the largest message (private.max_body_size).
+
+        Publishers are not pinged: they close when they are done."""
+        self.setProtocolOptions(
+            openHandshakeTimeout=limits.handshake_timeout, closeHandshakeTimeout=limits.close_timeout,
+            maxFramePayloadSize=max_message_size, maxMessagePayloadSize=max_message_size)

@@ -4,8 +4,7 @@ import signal
 from datetime import datetime, timezone
 
 from twisted.application import service
-from twisted.internet import defer, endpoints
-from twisted.internet.error import CannotListenError
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -18,7 +17,7 @@ from pydio_ws.config import KEYS, ConfigError, load_config
 from pydio_ws.gate import PublisherGate
 from pydio_ws.keys import resolve_private_key
 from pydio_ws.limits import ConnectionCounter, FailureLimiter
-from pydio_ws.listener import ListenerFactory, Routes
+from pydio_ws.listener import ListenerFactory, ListenerService, Routes, server_endpoint
 from pydio_ws.origins import OriginPolicy, normalize_origin
 from pydio_ws.private import PublisherFactory, Publisher, PublishResource, StatusResource
 from pydio_ws.public import BrowserFactory, frame_message
@@ -93,55 +92,6 @@ def preflight(config, now: datetime) -> list:
     return lines
 
 
-class ListenerService(service.Service):
-    """Listens on one endpoint; a bind failure raises, so startup stops."""
-
-    def __init__(self, endpoint, factory, routers):
-        """`factory` is what the endpoint serves; `routers` the ListenerFactories inside it."""
-        self._endpoint = endpoint
-        self._factory = factory
-        self._routers = routers
-        self.port = None
-
-    def apply_limits(self, limits, max_body_size: int) -> None:
-        """Reloadable settings of the routers and their HTTP sites."""
-        for router in self._routers:
-            router.routes.site.max_body_size = max_body_size
-            router.head_timeout = limits.handshake_timeout
-
-    def privilegedStartService(self):
-        listening = self._endpoint.listen(self._factory)
-        failures = []
-        listening.addCallbacks(self._listening, failures.append)
-        if failures:
-            error = failures[0].value
-            if isinstance(error, CannotListenError):
-                # twistd lets SystemExit through: one clear line instead of a traceback.
-                raise SystemExit(f"pydio-ws: cannot listen on {error.interface}:{error.port}: "
-                                 f"{error.socketError}")
-            failures[0].raiseException()
-        super().privilegedStartService()
-
-    def _listening(self, port):
-        self.port = port
-
-    def startService(self):
-        if self.port is None:
-            self.privilegedStartService()
-        super().startService()
-
-    def stopService(self):
-        super().stopService()
-        port, self.port = self.port, None
-        return defer.maybeDeferred(port.stopListening) if port else defer.succeed(None)
-
-
-def server_endpoint(reactor, host: str, port: int):
-    """The server endpoint for a listen address."""
-    description = f"tcp:port={port}:interface={endpoints.quoteStringArgument(host)}"
-    return endpoints.serverFromString(reactor, description)
-
-
 class PydioWSService(service.MultiService):
     """pydio-ws: browser and publisher listeners around one broker."""
 
@@ -167,8 +117,8 @@ class PydioWSService(service.MultiService):
             ConnectionCounter(limits.max_connections, limits.max_connections_per_ip),
             FailureLimiter(reactor, limits.max_auth_failures, limits.auth_failure_window))
         self.browser_factory.apply_limits(limits)
-        self._publisher_factory = PublisherFactory(reactor, gate, publisher, config.private.max_body_size)
-        self._publisher_factory.apply_limits(limits)
+        self._publisher_factory = PublisherFactory(reactor, gate, publisher)
+        self._publisher_factory.apply_limits(limits, config.private.max_body_size)
         publisher_factory = self._publisher_factory
         private_resource = PublishResource(gate, publisher)
         private_resource.putChild(b"status", StatusResource(reactor, gate, self.broker, self.stats))
@@ -292,7 +242,7 @@ class PydioWSService(service.MultiService):
         self.browser_factory.origins = self._origin_policy()
         self.browser_factory.authenticator = self._authenticator()
         self.browser_factory.apply_limits(limits)
-        self._publisher_factory.apply_limits(limits)
+        self._publisher_factory.apply_limits(limits, self.config.private.max_body_size)
         self._key_failures.configure(limits.max_auth_failures, limits.auth_failure_window)
         for name in listener_names(self.config):
             self.getServiceNamed(name).apply_limits(limits, self.config.private.max_body_size)
