@@ -111,6 +111,34 @@ class CheckConfigTests(unittest.TestCase):
         self.assertIn(missing, err)
 
 
+    def test_tls_files_are_checked_and_described(self):
+        """check-config prints each certificate's names and expiry, and refuses a key that
+        does not match its certificate with one line."""
+        certs = make_test_certs(self)
+        good = write_config(self, f"[public]\nssl = true\nssl_cert = {certs.server_cert}\n"
+                                  f"ssl_key = {certs.server_key}\n")
+        code, out, err = run(["check-config", good])
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("public certificate: names: localhost, 127.0.0.1", out)
+        self.assertIn("expires", out)
+        bad = write_config(self, f"[public]\nssl = true\nssl_cert = {certs.server_cert}\n"
+                                 f"ssl_key = {certs.mismatched_key}\n")
+        code, out, err = run(["check-config", bad])
+        self.assertEqual((code, out), (2, ""))
+        self.assertEqual(len(err.splitlines()), 1)
+        self.assertIn("does not match", err)
+
+    def test_conflicting_tls_on_a_shared_listener(self):
+        """On one shared listener, different private TLS files are a configuration error."""
+        certs = make_test_certs(self)
+        config = write_config(self, f"[public]\nssl = true\nssl_cert = {certs.server_cert}\n"
+                                    f"ssl_key = {certs.server_key}\n[private]\nssl = true\n"
+                                    f"ssl_cert = {certs.reloaded_cert}\nssl_key = {certs.reloaded_key}\n")
+        code, _, err = run(["check-config", config])
+        self.assertEqual(code, 2)
+        self.assertIn("private.ssl_cert conflicts with public.ssl_cert", err)
+
+
 class PublishCommandTests(unittest.TestCase):
     """pydio-ws publish against a real server."""
 
