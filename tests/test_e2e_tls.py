@@ -263,3 +263,34 @@ class PlainPublisherOnTLSListenerTests(unittest.TestCase):
         head = legacy_handshake("127.0.0.1", server.public_port, "/ws", KEY)
         answer = await legacy_publish(server.public_port, head, stray_bytes(), b"")
         self.assertFalse(answer.startswith(b"HTTP/1.1"))
+
+
+class StartupWarningTests(unittest.TestCase):
+    """Risky TLS situations are logged when the service starts."""
+
+    def setUp(self):
+        self.certs = make_test_certs(self)
+        self.logs = LogCapture(self)
+
+    def formats(self):
+        return " | ".join(str(event.get("log_format", "")) for event in self.logs.events)
+
+    def test_certificate_expiring_within_14_days_is_warned(self):
+        """A certificate that expires in 5 days starts, with a warning naming it."""
+        ServerFixture.start(self, public_ssl="true", public_ssl_cert=self.certs.expiring_cert,
+                            public_ssl_key=self.certs.expiring_key)
+        self.assertIn("certificate expires soon", self.formats())
+
+    async def test_verify_ssl_false_is_warned_and_accepts_self_signed(self):
+        """verify_ssl = false logs a warning, and a self-signed Pydio host is then accepted."""
+        fake = FakePydio(reactor)
+        context = ReloadableServerContextFactory(
+            ServerTLSFiles(self.certs.self_signed_cert, self.certs.self_signed_key), now())
+        url = await fake.start(tls=context, host="localhost")
+        self.addCleanup(fake.stop)
+        fake.replies["sid=alice"] = Reply(registry("alice", None, {"1": "rw"}))
+        server = ServerFixture.start(self, auth_mode="pydio", auth_pydio_url=url, auth_verify_ssl="false")
+        self.assertIn("is not verified", self.formats())
+        browser = await connect_browser(self, server.public_url(), server.public_port,
+                                        headers={"Cookie": "sid=alice"})
+        self.assertEqual(browser.state, browser.STATE_OPEN)
