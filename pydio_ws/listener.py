@@ -22,6 +22,8 @@ from twisted.logger import Logger
 from pydio_ws.gate import carries_publisher_key
 
 MAX_HEAD_BYTES = 16 * 1024
+# Twisted's default of 50 overflows in reconnect storms; the kernel caps it at somaxconn.
+LISTEN_BACKLOG = 1024
 HEAD_END = b"\r\n\r\n"
 
 
@@ -248,5 +250,6 @@ class ListenerService(service.Service):
 
 def server_endpoint(reactor, host: str, port: int):
     """The server endpoint for a listen address."""
-    description = f"tcp:port={port}:interface={endpoints.quoteStringArgument(host)}"
+    description = (f"tcp:port={port}:interface={endpoints.quoteStringArgument(host)}"
+                   f":backlog={LISTEN_BACKLOG}")
     return endpoints.serverFromString(reactor, description)

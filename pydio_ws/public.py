@@ -209,6 +209,7 @@ class BrowserProtocol(ServerProtocolBase):
             code = self.localCloseCode  # ours is the one that says why (1008, 1009, ...)
         self.factory.stats.closes[code] += 1
         self._subscriber.detach()
+        self._subscriber = None
         self.factory.closed(self)
         self._log.info("browser {peer} ({user_id}) closed: code {code} {reason}",
                        peer=self._peer_host, user_id=self._identity.user_id,

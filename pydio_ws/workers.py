@@ -24,9 +24,10 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pydio_ws.listener import LISTEN_BACKLOG
+
 SPEC_ENV = "PYDIO_WS_WORKER_SPEC"
 READY_FD = 3
-LISTEN_BACKLOG = 1024
 KILL_AFTER = 5.0
 
 

@@ -4,7 +4,9 @@ Autobahn schedules its handshake, close and ping timers through `factory._batche
 a txaio batched timer bound to the global reactor whose cancelled calls stay scheduled
 until their bucket fires. Timers straight on the factory's own reactor are exact, cancel
 cleanly and follow a test's `Clock`. Autobahn also leaves its close-handshake and
-connection-drop timers running after the connection is gone; we cancel them.
+connection-drop timers running after the connection is gone; we cancel them, and we
+break the reference cycles a closed connection would otherwise leave for the cycle
+collector (whose full passes pause the server when thousands of browsers churn).
 """
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -49,3 +51,6 @@ class ServerProtocolBase(WebSocketServerProtocol):
                 call.cancel()
             setattr(self, name, None)
         super()._connectionLost(reason)
+        # is_closed fires with the protocol itself: a reference cycle that would keep
+        # every closed connection for the cycle collector. Whoever waits on it holds it.
+        self.is_closed = None
