@@ -9,6 +9,7 @@ break the reference cycles a closed connection would otherwise leave for the cyc
 collector (whose full passes pause the server when thousands of browsers churn).
 """
 
+import txaio
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 
 _TIMERS_LEFT_BY_AUTOBAHN = ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall")
@@ -34,7 +35,14 @@ class ServerFactoryBase(WebSocketServerFactory):
 
 class ServerProtocolBase(WebSocketServerProtocol):
     """A WebSocketServerProtocol that leaves no timer behind when its connection ends,
-    and sends small frames at once (TCP_NODELAY)."""
+    and sends small frames at once (TCP_NODELAY).
+
+    Autobahn's own log keeps only errors: our protocols log every connection event
+    once, with the client and the user; Autobahn would add a second, warn-level line
+    for each refusal and each dropped peer.
+    """
+
+    log = txaio.make_logger(level="error")
 
     def _connectionMade(self):
         super()._connectionMade()

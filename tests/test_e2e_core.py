@@ -5,7 +5,7 @@ import types
 import weakref
 
 from twisted.internet import reactor, task
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel, globalLogPublisher
 from twisted.trial import unittest
 
 from tests.support import (KEY, ServerFixture, connect_browser, handshake_status, post,
@@ -135,6 +135,17 @@ class HandshakeTests(unittest.TestCase):
         path = f"/public?token={token()}"
         self.assertEqual(await self.handshake_status(server, path, {"Origin": "https://evil.example"}), 403)
         self.assertEqual(await self.handshake_status(server, path, {"Origin": "https://pydio.example"}), 101)
+
+    async def test_a_refusal_is_logged_once(self):
+        """A refused handshake gives our one info event, and no warning from Autobahn."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        server = ServerFixture.start(self)
+        self.assertEqual(await self.handshake_status(server, "/public"), 401)
+        refusals = [e for e in events if "refused" in e.get("log_format", "")]
+        warnings = [e for e in events if e.get("log_level") in (LogLevel.warn, LogLevel.error)]
+        self.assertEqual((len(refusals), warnings), (1, []))
 
     async def test_unknown_path_is_404(self):
         """A WebSocket upgrade on an unknown path gets 404."""
