@@ -26,6 +26,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7.4", "hypothesis>=6.90"],
+        "bench": ["matplotlib>=3.7", "py-spy>=0.3.14"],
     },
     entry_points={"console_scripts": ["pydio-ws = pydio_ws.cli:main"]},
 )
