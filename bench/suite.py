@@ -87,9 +87,8 @@ QUIET_SAMPLE = 2.0
 CONNECTION_MARGIN = 100
 NOTABLE_LOG_LINES = 5
 _NOTABLE = re.compile(r"#(warn|error|critical)\]|Traceback|Unhandled|Error")
-MATPLOTLIB_HINT = ('matplotlib is not installed: `.venv/bin/pip install matplotlib` (or add '
-                   '`"bench": ["matplotlib>=3.7"]` to extras_require in setup.py and '
-                   '`pip install -e ".[bench]"`)')
+MATPLOTLIB_HINT = ("matplotlib is not installed: `.venv/bin/pip install -e '.[bench]' "
+                   "--config-settings editable_mode=compat`")
 
 
 @dataclass(frozen=True)
