@@ -6,6 +6,7 @@ Usage (from the repository root, with the project's virtualenv):
     .venv/bin/python bench/suite.py --all  # every scenario, 3 runs each, plot in docs/
     .venv/bin/python bench/suite.py --scenario fanout --scenario idle --runs 5
     .venv/bin/python bench/suite.py --scenario fanout --profile     # + one py-spy run
+    .venv/bin/python bench/suite.py --all --runs 5 --profile --profile-native  # as recorded
     .venv/bin/python bench/suite.py --plot-from bench/results/<stamp>/summary.jsonl
 
 Contenders:
@@ -22,6 +23,12 @@ clients, waits until the server counts every registration, then (publish scenari
 publishes and measures every delivery; this script reads the server's CPU time
 (/proc/<pid>/stat) and memory (/proc/<pid>/status) around it.
 
+Before each run the suite waits for a quiet machine (`--quiet`: other processes below
+0.15 CPU); a run during which others used more is marked "disturbed", retried
+(`--retries`) and left out of the medians. The servers run a copy of pydio_ws/ and
+twisted/ taken when the suite starts, so edits to the tree cannot change the code under
+test half-way.
+
 Scenarios (the issue's numbering):
 
 1. fanout: 1,000 clients on one workspace, 2,000 messages of 128 B, 16 in flight.
@@ -31,9 +38,9 @@ Scenarios (the issue's numbering):
    (RSS once all are registered - RSS before the first) / N, and connections per second.
 5. scale-out: scenario 2 on one pydio-ws process (memory broker) vs one process on Redis
    vs 2 nodes joined by Redis vs one node with `[server] workers = 2` (Redis); run only
-   when the Redis broker and
-   workers are present (a redis-server is started on a free port). On a 2-core machine
-   nothing is pinned in this scenario, so the load generator shares the cores.
+   when the Redis broker and workers are present (a redis-server is started on a free
+   port). On a 2-core machine nothing is pinned in this scenario, so the load generator
+   shares the cores.
 
 Output: one JSON line per scenario on stdout with the medians of each contender, the
 ratios pydio-ws / peer (for scale-out: each layout / one process) and the targets of the
@@ -559,7 +566,8 @@ def run_once(scenario: Scenario, contender: Contender, args, workdir: Path, prof
         rss_before = memory_kib(pids)["VmRSS"]
         cpu_before = cpu_seconds(pids)
         arguments = scenario.loadgen_args(args.scale) + [
-            "--deadline", str(scenario.deadline), "--wait-go", "--clk-tck", str(os.sysconf("SC_CLK_TCK"))]
+            "--deadline", str(scenario.deadline), "--wait-go", "--clk-tck", str(os.sysconf("SC_CLK_TCK")),
+            "--client", args.client]
         for port in servers.ports:
             arguments += ["--node", str(port)]
         for pid in pids:
@@ -710,7 +718,7 @@ def summarise(scenario: Scenario, records: list, runs: int, environment: dict) -
 
 # ---------------------------------------------------------------- profile
 
-def summarise_profile(raw_path: Path, top: int = 15) -> dict:
+def summarise_profile(raw_path: Path, top: int = 25) -> dict:
     """Top self and inclusive costs from py-spy's raw (collapsed stack) output."""
     leaf_lines, self_functions, inclusive, total = {}, {}, {}, 0
     with open(raw_path, encoding="utf-8", errors="replace") as stream:
@@ -728,12 +736,19 @@ def summarise_profile(raw_path: Path, top: int = 15) -> dict:
             for function in {_function_of(frame) for frame in frames}:
                 inclusive[function] = inclusive.get(function, 0) + count
 
-    def ranked(table):
-        return [{"frame": name, "samples": count, "percent": round(100 * count / total, 1)}
-                for name, count in sorted(table.items(), key=lambda item: -item[1])[:top]]
+    def ranked(table, ceiling=100.0):
+        rows = [{"frame": name, "samples": count, "percent": round(100 * count / total, 1)}
+                for name, count in sorted(table.items(), key=lambda item: -item[1])]
+        return [row for row in rows if row["percent"] <= ceiling][:top]
 
+    # Inclusive costs leave out the frames under which nearly everything runs (twistd, the
+    # reactor loop) to show the ones that tell something.
     return {"samples": total, "self_by_line": ranked(leaf_lines),
-            "self_by_function": ranked(self_functions), "inclusive_by_function": ranked(inclusive)}
+            "self_by_function": ranked(self_functions),
+            "inclusive_by_function": ranked(inclusive, ceiling=INCLUSIVE_CEILING)}
+
+
+INCLUSIVE_CEILING = 90.0
 
 
 def _function_of(frame: str) -> str:
@@ -777,7 +792,11 @@ def plot(summaries: list, path: Path) -> bool:
         positions = range(len(bars))
         left.bar(positions, values, color=colors, width=0.6)
         for x, value in zip(positions, values):
-            left.annotate(f"{value:.2f}x", (x, value), ha="center", va="bottom", fontsize=9)
+            # Inside the bar's top, so a target marker just above it stays readable.
+            inside = value > 0.45
+            left.annotate(f"{value:.2f}x", (x, value), xytext=(0, -4 if inside else 2),
+                          textcoords="offset points", ha="center", va="top" if inside else "bottom",
+                          fontsize=9, color="white" if inside else "black", fontweight="bold")
         targets = [(x, t) for x, (_, _, _, t, _) in zip(positions, bars) if t is not None]
         if targets:
             left.scatter([x for x, _ in targets], [t for _, t in targets], marker="_", s=900,
@@ -803,7 +822,7 @@ def plot(summaries: list, path: Path) -> bool:
         axis.axhline(1.0, color="gray", linestyle=":", linewidth=1)
         axis.set_xticks(range(len(names)))
         axis.set_xticklabels([name.replace("_", " ") for name in names], fontsize=8)
-        axis.set_title("5 scale-out: deliveries/s vs 1 process")
+        axis.set_title("5 scale-out (unpinned): deliveries/s\nvs 1 process, memory broker", fontsize=10)
     environment = (summaries[0].get("environment") or {}) if summaries else {}
     figure.suptitle(f"pydio-ws benchmark suite ({environment.get('cpus', '?')} CPUs, "
                     f"code {environment.get('code', '?')}, {environment.get('date', '')})", fontsize=10)
@@ -948,6 +967,9 @@ def parse_args(argv):
                              "left out of the medians (default 0.15; 0 disables)")
     parser.add_argument("--quiet-wait", type=float, default=600.0, metavar="SECONDS",
                         help="longest wait for a quiet machine before a run (default 600)")
+    parser.add_argument("--client", choices=("lean", "ws"), default="lean",
+                        help="the load generator's WebSocket client: lean (default) or the ws "
+                             "package's, to cross-check")
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment of the pydio-ws processes, for side experiments "
                              "(PYTHONPATH goes in front of the code's); recorded in the results")
@@ -985,6 +1007,7 @@ def main(argv=None) -> int:
             env["server_env"] = args.server_env
         if args.scale != 1:
             env["scale"] = args.scale
+        env["loadgen_client"] = args.client
         return _run_scenarios(args, out, env)
 
 
