@@ -13,7 +13,7 @@ setup(
     packages=["pydio_ws", "twisted.plugins"],
     package_data={"twisted.plugins": ["pydio_ws_plugin.py"]},
     install_requires=[
-        "Twisted[tls]>=23.10",
+        "Twisted[tls]>=25.5",
         "autobahn>=23.6",
         "pyOpenSSL>=24.3",
         "service-identity>=23.1",

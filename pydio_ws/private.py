@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET
 
 from pydio_ws.auth import AuthError
+from pydio_ws.collector import collector_status
 from pydio_ws.errors import DecodeError
 from pydio_ws.messages import decode_body
 from pydio_ws.web import JSONResource, finish_json, json_body, lower_headers
@@ -79,6 +80,7 @@ class StatusResource(JSONResource):
             "registered": self._broker.registered_counts(),
         }
         document["broker"] = {"state": self._broker.backend.state}
+        document["collector"] = collector_status()
         return json_body(request, 200, document)
 
 

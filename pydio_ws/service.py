@@ -13,6 +13,7 @@ from twisted.web.resource import Resource
 
 from pydio_ws.auth import TokenAuthenticator
 from pydio_ws.broker import Broker
+from pydio_ws.collector import tune_collector
 from pydio_ws.config import KEYS, ConfigError, load_config
 from pydio_ws.gate import PublisherGate
 from pydio_ws.keys import resolve_private_key
@@ -97,12 +98,14 @@ class PydioWSService(service.MultiService):
 
     _log = Logger()
 
-    def __init__(self, config, reactor, handle_signals: bool = False, worker_index: int = 0):
+    def __init__(self, config, reactor, owns_process: bool = False, worker_index: int = 0):
+        """`owns_process`: this service is the whole process (twistd or a worker): it
+        reloads on SIGHUP and tunes the cycle collector once running."""
         super().__init__()
         self.config = config
         self._reactor = reactor
         self._worker_index = worker_index
-        self._handle_signals = handle_signals
+        self._owns_process = owns_process
         self._tls = {}
         self.stats = Stats(reactor.seconds())
         self.private_key = resolve_private_key(config)
@@ -265,8 +268,9 @@ class PydioWSService(service.MultiService):
 
     def startService(self):
         self._log.info("private key from {source}", source=self.private_key.source)
-        if self._handle_signals:
+        if self._owns_process:
             signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload))
+            self._reactor.callWhenRunning(tune_collector)
         self.broker.start().addErrback(
             lambda failure: self._log.failure("broker failed to start", failure))
         super().startService()
@@ -287,4 +291,4 @@ class PydioWSService(service.MultiService):
 def makeService(options) -> PydioWSService:
     """twistd entry point."""
     from twisted.internet import reactor
-    return PydioWSService(options.config, reactor, handle_signals=True)
+    return PydioWSService(options.config, reactor, owns_process=True)

@@ -36,12 +36,17 @@ class BoundedRequest(Request):
 
 
 class BoundedSite(Site):
-    """A Site whose requests are bounded by `max_body_size` bytes."""
+    """A Site whose requests are bounded by `max_body_size` bytes.
+
+    Bodies are left to the resources: twisted.web would otherwise parse the Content-Type
+    of every POST with the email package (two throw-away classes per request, garbage
+    for the cycle collector) and answer form bodies it cannot parse with a bare 400.
+    """
 
     requestFactory = BoundedRequest
 
     def __init__(self, resource, max_body_size: int, reactor=None):
-        super().__init__(resource, reactor=reactor)
+        super().__init__(resource, reactor=reactor, parsePOSTFormSubmission=False)
         self.max_body_size = max_body_size
         self.displayTracebacks = False
 

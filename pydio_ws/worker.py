@@ -29,7 +29,7 @@ async def run(reactor, spec: dict):
     """Serve as worker `spec["index"]` until process 0 goes away or a signal stops us."""
     log = Logger(namespace=f"pydio_ws.worker.{spec['index']}")
     config = load_config(spec["config"], overrides=spec_overrides(spec))
-    pydio = PydioWSService(config, reactor, handle_signals=True, worker_index=spec["index"])
+    pydio = PydioWSService(config, reactor, owns_process=True, worker_index=spec["index"])
     pydio.startService()
     reactor.addSystemEventTrigger("before", "shutdown", pydio.stopService)
     os.write(READY_FD, b"ready\n")

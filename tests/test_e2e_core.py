@@ -211,6 +211,17 @@ class PrivateEndpointTests(unittest.TestCase):
         await post(self, server.private_url, {"REPO_ID": "1", "CONTENT": "barrier"})
         self.assertEqual(await browser.next_message(), b"barrier")
 
+    async def test_form_content_type_is_decoded_by_the_body(self):
+        """A body sent as a form (curl -d, a multipart header) is decoded by its content;
+        twisted.web does not parse it as a form first (a bad multipart body would be a bare 400)."""
+        server = ServerFixture.start(self)
+        browser = await registered_browser(self, server, "1")
+        for content_type in ("application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            status, body = await post(self, server.private_url, {"REPO_ID": "1", "CONTENT": content_type},
+                                      headers={"Content-Type": [content_type]})
+            self.assertEqual((status, body), (200, {"published": 1}))
+            self.assertEqual(await browser.next_message(), content_type.encode())
+
     async def test_other_methods_are_405(self):
         """GET, PUT and DELETE on the publish path get 405 with Allow: POST."""
         server = ServerFixture.start(self)
@@ -235,6 +246,7 @@ class PrivateEndpointTests(unittest.TestCase):
         self.assertEqual(body["connections"], {"open": 1, "registered": {"7": 1}})
         self.assertEqual(body["messages"], {"received": 1, "delivered": 1, "refused": 0})
         self.assertGreaterEqual(body["uptime"], 0)
+        self.assertEqual(len(body["collector"]["collections"]), 3)
 
     async def test_status_is_for_authorized_hosts_only(self):
         """GET /status from an unauthorized peer gets 403."""

@@ -11,8 +11,9 @@ from twisted.plugin import getPlugins
 from twisted.python import usage
 from twisted.trial import unittest
 
+from pydio_ws.collector import YOUNG_COLLECTION_THRESHOLD
 from pydio_ws.service import Options
-from tests.support import KEY, connect_browser, post, temp_dir, token
+from tests.support import KEY, connect_browser, post, request, temp_dir, token
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -132,6 +133,11 @@ class TwistdTests(unittest.TestCase):
                                   {"REPO_ID": "*", "CONTENT": "from-twistd"})
         self.assertEqual((status, body), (200, {"published": 1}))
         self.assertEqual(await browser.next_message(), b"from-twistd")
+        status, body = await request(self, "GET", f"http://127.0.0.1:{port}/private/status")
+        self.assertEqual(status, 200)
+        # The process's start-up objects are frozen out of the cycle collector's reach.
+        self.assertGreater(body["collector"]["frozen_objects"], 10_000)
+        self.assertEqual(body["collector"]["thresholds"][0], YOUNG_COLLECTION_THRESHOLD)
         await browser.close()
         child.transport.signalProcess("TERM")
         await child.ended
