@@ -308,3 +308,29 @@ class ReferenceCycleTests(unittest.TestCase):
             if not isinstance(referrer, (Logger, types.FrameType)):
                 referrers.append(referrer)
         self.assertEqual(referrers, [])
+
+
+class OpenConnectionStateTests(unittest.TestCase):
+    """What an open browser connection keeps on the server."""
+
+    async def test_open_connection_keeps_no_handshake_or_token(self):
+        """Once open, the server-side protocol holds neither the request headers nor its token."""
+        server = ServerFixture.start(self)
+        browser_token = token("carol")
+        browser = await connect_browser(self, f"ws://127.0.0.1:{server.public_port}/public?token={browser_token}",
+                                        server.public_port, headers={"X-Custom": "header-value"})
+        await wait_until(lambda: server.service.browser_factory._open)
+        [protocol] = server.service.browser_factory._open
+        kept = repr(vars(protocol))
+        self.assertNotIn(browser_token, kept)
+        self.assertNotIn("header-value", kept)
+        await browser.close()
+
+    async def test_connection_takes_the_factory_options(self):
+        """A connection opens with the limits in force (ping, sizes), each as its own copy."""
+        server = ServerFixture.start(self, limits_ping_interval="7", limits_max_message_size="2KiB")
+        browser = await registered_browser(self, server, "1")
+        [protocol] = server.service.browser_factory._open
+        self.assertEqual((protocol.autoPingInterval, protocol.maxMessagePayloadSize), (7, 2048))
+        self.assertIn("autoPingInterval", vars(protocol))
+        await browser.close()
