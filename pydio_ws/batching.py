@@ -13,7 +13,7 @@ Only a plain TCP transport with an empty buffer is written directly; anything el
 (TLS, or bytes still queued) goes through `transport.write`, which keeps the order.
 """
 
-from typing import Callable, Dict
+from typing import Dict
 
 from twisted.internet import tcp
 
@@ -45,17 +45,17 @@ def send_now(transport, data: bytes) -> None:
 
 
 class TurnBatcher:
-    """Collects the connections that got frames during this reactor turn and flushes
-    them all once, from a call scheduled at the first frame of the turn."""
+    """Collects the connections that got frames during this reactor turn and calls each
+    one's `flush_batch()` once, from a call scheduled at the first frame of the turn."""
 
     def __init__(self, reactor):
         self._reactor = reactor
-        self._dirty: Dict[object, Callable[[], None]] = {}
+        self._dirty: Dict[object, None] = {}
         self._call = None
 
-    def mark(self, connection, flush: Callable[[], None]) -> None:
-        """Remember that `connection` has a batch; `flush()` will send it."""
-        self._dirty[connection] = flush
+    def mark(self, connection) -> None:
+        """Remember that `connection` has a batch to send."""
+        self._dirty[connection] = None
         if self._call is None:
             self._call = self._reactor.callLater(0, self.flush)
 
@@ -68,5 +68,5 @@ class TurnBatcher:
             self._call.cancel()
         self._call = None
         dirty, self._dirty = self._dirty, {}
-        for flush in dirty.values():
-            flush()
+        for connection in dirty:
+            connection.flush_batch()

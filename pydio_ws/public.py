@@ -62,7 +62,8 @@ class BrowserProtocol(ServerProtocolBase):
         self._client = None
         self._counted = False
         self._paused = False
-        self._batch = []
+        self._batch = ()  # frames of this turn; () when none (no allocation)
+        self._batcher = None
         self._backlog = []
         self._backlog_bytes = 0
 
@@ -103,6 +104,7 @@ class BrowserProtocol(ServerProtocolBase):
 
     def onOpen(self):
         identity = self._identity
+        self._batcher = self.factory.batcher
         self._subscriber = self.factory.broker.attach(
             identity.user_id, identity.group_path, self._deliver)
         self.factory.opened(self)
@@ -111,15 +113,18 @@ class BrowserProtocol(ServerProtocolBase):
                        peer=self._peer_host, user_id=identity.user_id)
 
     def _deliver(self, frame: bytes) -> None:
-        """Broker callback: add a framed message to this turn's batch."""
-        if self._batch:
-            self._batch.append(frame)
-        elif self.state == WebSocketProtocol.STATE_OPEN:
+        """Broker callback: add a framed message to this turn's batch (the hot path:
+        once per recipient; whether the connection is still open is checked at flush)."""
+        batch = self._batch
+        if batch:
+            batch.append(frame)
+        else:
             self._batch = [frame]
-            self.factory.batcher.mark(self, self._flush_batch)
+            self._batcher.mark(self)
 
-    def _flush_batch(self) -> None:
-        batch, self._batch = self._batch, []
+    def flush_batch(self) -> None:
+        """Send this turn's frames in one write, unless the connection is closing."""
+        batch, self._batch = self._batch, ()
         if not batch or self.state != WebSocketProtocol.STATE_OPEN:
             return
         data = batch[0] if len(batch) == 1 else b"".join(batch)
@@ -142,7 +147,7 @@ class BrowserProtocol(ServerProtocolBase):
     def sendCloseFrame(self, code=None, reasonUtf8=None, isReply=False):
         """Send everything delivered so far before the close frame, never after it."""
         self.factory.batcher.forget(self)
-        self._flush_batch()
+        self.flush_batch()
         if self._backlog:
             # Ahead of the close frame, whatever the transport's buffer holds: a message
             # accepted before a shutdown must still reach a browser that lags behind.
@@ -199,7 +204,7 @@ class BrowserProtocol(ServerProtocolBase):
 
     def onClose(self, wasClean, code, reason):
         self.factory.batcher.forget(self)
-        self._batch = []
+        self._batch = ()
         if self._counted:
             self._counted = False
             self.factory.counter.release(self._client)

@@ -9,6 +9,17 @@ from twisted.trial import unittest
 from pydio_ws.batching import TurnBatcher, send_now
 
 
+class _Connection:
+    """A connection as the batcher sees it: something with flush_batch()."""
+
+    def __init__(self, name, flushed):
+        self._name = name
+        self._flushed = flushed
+
+    def flush_batch(self):
+        self._flushed.append(self._name)
+
+
 class TurnBatcherTests(unittest.TestCase):
     """Connections marked during a turn are flushed once, at the next turn."""
 
@@ -16,8 +27,9 @@ class TurnBatcherTests(unittest.TestCase):
         """Several marks of one connection in a turn give one flush, scheduled once."""
         clock, flushed = Clock(), []
         batcher = TurnBatcher(clock)
-        for connection in ("a", "b", "a"):
-            batcher.mark(connection, lambda c=connection: flushed.append(c))
+        a, b = _Connection("a", flushed), _Connection("b", flushed)
+        for connection in (a, b, a):
+            batcher.mark(connection)
         self.assertEqual(len(clock.getDelayedCalls()), 1)
         self.assertEqual(flushed, [])
         clock.advance(0)
@@ -28,8 +40,9 @@ class TurnBatcherTests(unittest.TestCase):
         """A connection forgotten before the turn ends (it closed) is skipped."""
         clock, flushed = Clock(), []
         batcher = TurnBatcher(clock)
-        batcher.mark("a", lambda: flushed.append("a"))
-        batcher.forget("a")
+        a = _Connection("a", flushed)
+        batcher.mark(a)
+        batcher.forget(a)
         clock.advance(0)
         self.assertEqual(flushed, [])
 
@@ -37,7 +50,7 @@ class TurnBatcherTests(unittest.TestCase):
         """flush() sends now and leaves no call behind."""
         clock, flushed = Clock(), []
         batcher = TurnBatcher(clock)
-        batcher.mark("a", lambda: flushed.append("a"))
+        batcher.mark(_Connection("a", flushed))
         batcher.flush()
         self.assertEqual((flushed, clock.getDelayedCalls()), (["a"], []))
 
