@@ -185,7 +185,7 @@ class BrowserProtocol(ServerProtocolBase):
             self._register(command.repo_id)
         elif command.kind == UNREGISTER:
             self._subscriber.unregister()
-            self._log.info("browser {peer} ({user_id}) unregistered",
+            self._log.debug("browser {peer} ({user_id}) unregistered",
                            peer=self._peer_host, user_id=self._identity.user_id)
         else:
             self.factory.stats.ignored_commands += 1
@@ -199,7 +199,7 @@ class BrowserProtocol(ServerProtocolBase):
                            peer=self._peer_host, user_id=self._identity.user_id, repo_id=repo_id)
             return
         self._subscriber.register(repo_id)
-        self._log.info("browser {peer} ({user_id}) registered on {repo_id}",
+        self._log.debug("browser {peer} ({user_id}) registered on {repo_id}",
                        peer=self._peer_host, user_id=self._identity.user_id, repo_id=repo_id)
 
     def onClose(self, wasClean, code, reason):

@@ -18,6 +18,7 @@ from pydio_ws.config import KEYS, ConfigError, load_config
 from pydio_ws.gate import PublisherGate
 from pydio_ws.keys import resolve_private_key
 from pydio_ws.limits import ConnectionCounter, FailureLimiter
+from pydio_ws.logs import DEFAULT_LEVEL, FORMATS, LEVELS, observer_name
 from pydio_ws.listener import ListenerFactory, ListenerService, Routes, server_endpoint
 from pydio_ws.origins import OriginPolicy, normalize_origin
 from pydio_ws.private import PublisherFactory, Publisher, PublishResource, StatusResource
@@ -39,16 +40,14 @@ class Options(usage.Options):
     optParameters = [
         ["config", "c", None, "INI configuration file."],
         ["log-format", None, "text", "Log output: text or json (one JSON object per line)."],
+        ["log-level", None, DEFAULT_LEVEL, f"Lowest level logged: {', '.join(LEVELS)}."],
     ] + [
         [key.option, None, None, f"{key.help} [env {key.env_var}, default {key.default!r}]"]
         for key in KEYS if not key.secret
     ]
 
     def postOptions(self):
-        if self["log-format"] not in ("text", "json"):
-            raise usage.UsageError(f"--log-format: expected text or json, got {self['log-format']!r}")
-        if self["log-format"] == "json" and self.parent is not None:
-            self.parent["logger"] = "pydio_ws.logs.json_observer"
+        self._choose_log_observer()
         overrides = {
             (key.section, key.name): self[key.option]
             for key in KEYS if not key.secret and self[key.option] is not None
@@ -58,6 +57,28 @@ class Options(usage.Options):
             preflight(self.config, datetime.now(timezone.utc))
         except ConfigError as error:
             raise usage.UsageError(str(error)) from None
+
+    def _choose_log_observer(self) -> None:
+        """Point twistd's --logger at our observer for --log-format and --log-level.
+
+        Only where twistd would write to standard output itself (-n, no --logfile or
+        --syslog), or for JSON, which always goes there; otherwise twistd's own observer
+        stays, unfiltered.
+        """
+        log_format, level = self["log-format"], self["log-level"]
+        if log_format not in FORMATS:
+            raise usage.UsageError(f"--log-format: expected text or json, got {log_format!r}")
+        if level not in LEVELS:
+            raise usage.UsageError(f"--log-level: expected one of {', '.join(LEVELS)}, got {level!r}")
+        twistd = self.parent
+        if twistd is None or twistd.get("logger"):
+            return
+        to_stdout = twistd.get("nodaemon") and not twistd.get("logfile") and not twistd.get("syslog")
+        if log_format == "json" or to_stdout:
+            twistd["logger"] = observer_name(log_format, level)
+        elif level != DEFAULT_LEVEL:
+            raise usage.UsageError("--log-level applies to standard output: run twistd with -n, "
+                                   "without --logfile or --syslog")
 
 
 def listener_names(config) -> tuple:

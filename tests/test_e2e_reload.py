@@ -1,18 +1,12 @@
 """SIGHUP reload: the configuration file is re-read and applied without dropping anyone."""
 
-import io
-import json
 import os
-import sys
 
 from twisted.internet import reactor
-from twisted.logger import Logger, LogPublisher, globalLogPublisher
-from twisted.python import usage
-from twisted.scripts.twistd import ServerOptions
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from pydio_ws.config import load_config
-from pydio_ws.logs import json_observer
 from pydio_ws.service import PydioWSService
 from tests.support import (ServerFixture, connect_browser, handshake_status, post, temp_dir,
                            token, wait_until, ws_handshake)
@@ -99,31 +93,3 @@ class ReloadTests(unittest.TestCase):
         request = ws_handshake(f"/public?token={token(key=OLD_KEY)}", server.public_port,
                                {"Origin": "https://evil.example"})
         self.assertEqual(await handshake_status(server.public_port, request), 403)
-
-
-class LogFormatTests(unittest.TestCase):
-    """--log-format json makes twistd log one JSON object per line."""
-
-    def test_json_log_format_selects_the_json_observer(self):
-        """The option installs pydio_ws.logs.json_observer as twistd's logger."""
-        options = ServerOptions()
-        options.parseOptions(["pydio-ws", "--log-format", "json"])
-        self.assertEqual(options["logger"].__module__, "pydio_ws.logs")
-
-    def test_json_observer_writes_one_object_per_line(self):
-        """The observer's output parses as JSON lines carrying the event fields."""
-        buffer, original = io.StringIO(), sys.stdout
-        sys.stdout = buffer
-        try:
-            publisher = LogPublisher(json_observer())
-        finally:
-            sys.stdout = original
-        Logger(observer=publisher).info("browser {peer} connected as {user_id}",
-                                        peer="127.0.0.1", user_id="alice")
-        record = json.loads(buffer.getvalue().splitlines()[0])
-        self.assertEqual((record["peer"], record["user_id"]), ("127.0.0.1", "alice"))
-
-    def test_bad_log_format_is_a_usage_error(self):
-        """Anything but text or json is refused."""
-        with self.assertRaises(usage.UsageError):
-            ServerOptions().parseOptions(["pydio-ws", "--log-format", "xml"])
