@@ -9,12 +9,36 @@ formatted: registrations are debug events, one per workspace switch of every bro
 import sys
 from types import SimpleNamespace
 
-from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
-                            jsonFileLogObserver, textFileLogObserver)
+from twisted.logger import (FileLogObserver, FilteringLogObserver, LogLevel,
+                            LogLevelFilterPredicate, formatEventAsClassicLogText, formatTime,
+                            jsonFileLogObserver)
 
 FORMATS = ("text", "json")
 LEVELS = {"debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn, "error": LogLevel.error}
 DEFAULT_LEVEL = "info"
+
+
+class PerSecondTime:
+    """twistd's text time stamp (RFC 3339, whole seconds), worked out once a second
+    rather than for every line: a line per connection makes it a visible cost."""
+
+    def __init__(self):
+        self._second = None
+        self._text = ""
+
+    def __call__(self, when) -> str:
+        if when is None:
+            return formatTime(when)
+        second = int(when)
+        if second != self._second:
+            self._second, self._text = second, formatTime(second)
+        return self._text
+
+
+def text_observer(output):
+    """twistd's text lines ("<time> [<system>] <message>") written to `output`."""
+    format_time = PerSecondTime()
+    return FileLogObserver(output, lambda event: formatEventAsClassicLogText(event, format_time))
 
 
 def stdout_observer(log_format: str, level: str):
@@ -22,7 +46,7 @@ def stdout_observer(log_format: str, level: str):
     if log_format == "json":
         output = jsonFileLogObserver(sys.stdout, recordSeparator="")
     else:
-        output = textFileLogObserver(sys.stdout)
+        output = text_observer(sys.stdout)
     return FilteringLogObserver(output, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])])
 
 

@@ -4,12 +4,12 @@ import io
 import json
 import sys
 
-from twisted.logger import Logger, LogPublisher
+from twisted.logger import Logger, LogLevel, LogPublisher, textFileLogObserver
 from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
 from twisted.trial import unittest
 
-from pydio_ws.logs import stdout_observer
+from pydio_ws.logs import PerSecondTime, stdout_observer, text_observer
 
 
 def captured(log_format: str, level: str, emit) -> str:
@@ -73,3 +73,23 @@ class OptionTests(unittest.TestCase):
             with self.assertRaises(usage.UsageError) as caught:
                 ServerOptions().parseOptions(["-n", "pydio-ws"] + arguments)
             self.assertIn(name, str(caught.exception))
+
+
+class TextFormatTests(unittest.TestCase):
+    """Our text lines are twistd's."""
+
+    def test_text_line_matches_twistds_format(self):
+        """Time stamp, [namespace#level] and message, as twistd's own text observer writes them."""
+        event = {"log_format": "browser {peer} connected", "peer": "p", "log_level": LogLevel.info,
+                 "log_namespace": "pydio_ws.public", "log_time": 1_700_000_000.75}
+        ours, theirs = io.StringIO(), io.StringIO()
+        text_observer(ours)(event)
+        textFileLogObserver(theirs)(event)
+        self.assertEqual(ours.getvalue(), theirs.getvalue())
+
+    def test_time_stamp_follows_the_clock(self):
+        """The stamp is reused within a second and changes with the next one."""
+        format_time = PerSecondTime()
+        self.assertEqual(format_time(100.1), format_time(100.9))
+        self.assertNotEqual(format_time(100.9), format_time(101.0))
+        self.assertEqual(format_time(None), "-")
