@@ -186,7 +186,7 @@ class BrowserProtocol(ServerProtocolBase):
         elif command.kind == UNREGISTER:
             self._subscriber.unregister()
             self._log.debug("browser {peer} ({user_id}) unregistered",
-                           peer=self._peer_host, user_id=self._identity.user_id)
+                            peer=self._peer_host, user_id=self._identity.user_id)
         else:
             self.factory.stats.ignored_commands += 1
             self._log.debug("browser {peer} ({user_id}) sent an unknown command",
@@ -200,7 +200,7 @@ class BrowserProtocol(ServerProtocolBase):
             return
         self._subscriber.register(repo_id)
         self._log.debug("browser {peer} ({user_id}) registered on {repo_id}",
-                       peer=self._peer_host, user_id=self._identity.user_id, repo_id=repo_id)
+                        peer=self._peer_host, user_id=self._identity.user_id, repo_id=repo_id)
 
     def onClose(self, wasClean, code, reason):
         self.factory.batcher.forget(self)

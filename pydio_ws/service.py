@@ -119,9 +119,11 @@ class PydioWSService(service.MultiService):
 
     _log = Logger()
 
-    def __init__(self, config, reactor, owns_process: bool = False, worker_index: int = 0):
+    def __init__(self, config, reactor, owns_process: bool = False, worker_index: int = 0,
+                 log_output: tuple = ("text", DEFAULT_LEVEL)):
         """`owns_process`: this service is the whole process (twistd or a worker): it
-        reloads on SIGHUP and tunes the cycle collector once running."""
+        reloads on SIGHUP and tunes the cycle collector once running. `log_output`:
+        the (format, level) of the log, for the worker processes."""
         super().__init__()
         self.config = config
         self._reactor = reactor
@@ -167,7 +169,7 @@ class PydioWSService(service.MultiService):
                 BoundedSite(private_root, private.max_body_size, reactor),
                 publisher_path=private.path, publishers=publisher_factory))
         if config.server.workers > 1 and worker_index == 0:
-            pool = WorkerPool(reactor, config, self._bound_ports)
+            pool = WorkerPool(reactor, config, self._bound_ports, log_output)
             pool.setName("workers")
             pool.setServiceParent(self)
 
@@ -312,4 +314,5 @@ class PydioWSService(service.MultiService):
 def makeService(options) -> PydioWSService:
     """twistd entry point."""
     from twisted.internet import reactor
-    return PydioWSService(options.config, reactor, owns_process=True)
+    return PydioWSService(options.config, reactor, owns_process=True,
+                          log_output=(options["log-format"], options["log-level"]))

@@ -3,13 +3,13 @@ process 0 with its instructions in the environment (see `pydio_ws.workers`)."""
 
 import json
 import os
-import sys
 
 from twisted.internet import defer, stdio, task
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.logger import Logger, globalLogBeginner
 
 from pydio_ws.config import load_config
+from pydio_ws.logs import stdout_observer
 from pydio_ws.service import PydioWSService
 from pydio_ws.workers import READY_FD, SPEC_ENV, spec_overrides
 
@@ -43,7 +43,7 @@ async def run(reactor, spec: dict):
 
 def main() -> None:
     spec = json.loads(os.environ.pop(SPEC_ENV))
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)])
+    globalLogBeginner.beginLoggingTo([stdout_observer(*spec["log"])])
     task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor, spec)))
 
 

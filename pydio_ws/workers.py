@@ -60,13 +60,15 @@ class ReusePortEndpoint:
         return defer.succeed(port)
 
 
-def worker_spec(config, index: int, ports: dict) -> str:
-    """The JSON instructions for worker `index`: config source, overrides, real ports."""
+def worker_spec(config, index: int, ports: dict, log_output: tuple) -> str:
+    """The JSON instructions for worker `index`: config source, overrides, real ports,
+    and the log format and level of process 0."""
     return json.dumps({
         "index": index,
         "config": config.source,
         "overrides": [[section, name, raw] for (section, name), raw in config.overrides.items()],
         "ports": ports,
+        "log": list(log_output),
     })
 
 
@@ -101,18 +103,21 @@ class WorkerPool(service.Service):
 
     _log = Logger()
 
-    def __init__(self, reactor, config, ports):
-        """`ports()` returns {"public": port, "private": port} once the listeners are bound."""
+    def __init__(self, reactor, config, ports, log_output: tuple):
+        """`ports()` returns {"public": port, "private": port} once the listeners are bound;
+        `log_output` is the (format, level) the workers log with."""
         self._reactor = reactor
         self._config = config
         self._ports = ports
+        self._log_output = log_output
         self._workers = []
 
     def startService(self):
         super().startService()
         for index in range(1, self._config.server.workers):
             worker = _WorkerProcess(index)
-            env = dict(os.environ, **{SPEC_ENV: worker_spec(self._config, index, self._ports())})
+            env = dict(os.environ, **{SPEC_ENV: worker_spec(
+                self._config, index, self._ports(), self._log_output)})
             worker.transport = self._reactor.spawnProcess(
                 worker, sys.executable, [sys.executable, "-m", "pydio_ws.worker"], env=env,
                 childFDs={0: "w", 1: 1, 2: 2, READY_FD: "r"})

@@ -9,7 +9,9 @@ from twisted.python import usage
 from twisted.scripts.twistd import ServerOptions
 from twisted.trial import unittest
 
+from pydio_ws.config import load_config
 from pydio_ws.logs import PerSecondTime, stdout_observer, text_observer
+from pydio_ws.workers import worker_spec
 
 
 def captured(log_format: str, level: str, emit) -> str:
@@ -93,3 +95,13 @@ class TextFormatTests(unittest.TestCase):
         self.assertEqual(format_time(100.1), format_time(100.9))
         self.assertNotEqual(format_time(100.9), format_time(101.0))
         self.assertEqual(format_time(None), "-")
+
+
+class WorkerLogTests(unittest.TestCase):
+    """Worker processes log as process 0 does."""
+
+    def test_worker_spec_carries_format_and_level(self):
+        """The instructions of a worker name process 0's log format and level."""
+        config = load_config(None, environ={}, overrides={("private", "key"): "k" * 32})
+        spec = json.loads(worker_spec(config, 1, {"public": 8090, "private": 8090}, ("json", "debug")))
+        self.assertEqual(spec["log"], ["json", "debug"])
