@@ -410,9 +410,12 @@ class Servers:
             for node, port in enumerate(self.ports):
                 command, env = (self._pydio_command(port, node, redis_url)
                                 if self.contender.kind == "pydio-ws" else self._peer_command(port))
+                # In the run's directory, not the repository: a worker (`python -m
+                # pydio_ws.worker`) puts its working directory first on sys.path, and would
+                # import the live tree instead of the snapshot.
                 self.processes.append(self._stack.enter_context(ManagedProcess(
                     f"{self.contender.name}[{node}]", pinned(command, self._cpus), env,
-                    self._workdir / f"server-{node}.log")))
+                    self._workdir / f"server-{node}.log", cwd=str(self._workdir))))
             deadline = time.monotonic() + STARTUP_TIMEOUT
             for process, port in zip(self.processes, self.ports):
                 wait_ready(process, port, deadline)
@@ -596,6 +599,7 @@ def run_once(scenario: Scenario, contender: Contender, args, workdir: Path, prof
         else:
             result = registered
         memory = memory_kib(pids)
+        gone = [pid for pid in pids if not os.path.exists(f"/proc/{pid}")]
         record.update({
             "loadgen": result,
             "server": {"pids": pids, "rss_before_kib": rss_before, "rss_kib": memory["VmRSS"],
@@ -607,7 +611,9 @@ def run_once(scenario: Scenario, contender: Contender, args, workdir: Path, prof
         loadgen.process.wait(max(1.0, deadline - time.monotonic()))
         record["loadgen_exit"] = loadgen.process.returncode
     record["server"]["log"] = log_summary(servers.log_paths())
-    record["ok"] = bool(result.get("ok")) and record["loadgen_exit"] == 0
+    record["server"]["exited_during_run"] = gone
+    # A server process that died (e.g. a worker) fails the run: its share went unmeasured.
+    record["ok"] = bool(result.get("ok")) and record["loadgen_exit"] == 0 and not gone
     return record
 
 
