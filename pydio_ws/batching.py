@@ -32,16 +32,22 @@ def _sendable_now(transport) -> bool:
 
 
 def send_now(transport, data: bytes) -> None:
-    """Write `data`, sending at once when the transport is a plain TCP one with nothing queued."""
+    """Write `data`, sending at once when the transport is a plain TCP one with nothing queued.
+
+    One `send()` on the socket, as Twisted's own writer would make; what it does not take
+    is queued on the transport, after which the reactor writes it in order.
+    """
     if not _sendable_now(transport):
         transport.write(data)
         return
-    sent = transport.writeSomeData(data)
-    if isinstance(sent, Exception):
-        # The socket failed; hand the bytes to the transport, which reports the loss.
-        transport.write(data)
-    elif sent < len(data):
-        transport.write(data[sent:])
+    try:
+        sent = transport.socket.send(data)
+    except OSError:
+        # It would block, or the socket failed: the transport sends the bytes when it can,
+        # or reports the connection lost.
+        sent = 0
+    if sent < len(data):
+        transport.write(data[sent:] if sent else data)
 
 
 class TurnBatcher:

@@ -1,5 +1,6 @@
 """Tests for pydio_ws.batching: one flush per reactor turn, safe direct sends."""
 
+from twisted.internet import defer, endpoints, reactor, task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -7,6 +8,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.trial import unittest
 
 from pydio_ws.batching import TurnBatcher, send_now
+from tests.support import wait_until
 
 
 class _Connection:
@@ -72,3 +74,73 @@ class SendNowTests(unittest.TestCase):
         wrapper.makeConnection(inner)
         send_now(wrapper, b"frame")
         self.assertEqual(inner.value(), b"frame")
+
+
+class _Collector(Protocol):
+    """One side of a loopback connection: keeps what it receives, tells when it is gone."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.connected_once = defer.Deferred()
+        self.lost = defer.Deferred()
+
+    def connectionMade(self):
+        self.connected_once.callback(self)
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
+class DirectSendOnRealSocketsTests(unittest.TestCase):
+    """send_now on a real loopback TCP connection."""
+
+    async def connected_pair(self):
+        """(server side, client side) of a fresh loopback connection, closed at cleanup."""
+        accepted = defer.Deferred()
+        factory = Factory()
+        factory.buildProtocol = lambda address: self._track(_Collector(), accepted)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = await endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), _Collector())
+        server = await accepted
+        self.addCleanup(self._close, server, client)
+        return server, client
+
+    def _track(self, protocol, accepted):
+        protocol.connected_once.addCallback(accepted.callback)
+        return protocol
+
+    async def _close(self, *sides):
+        for side in sides:
+            if side.transport.connected:
+                side.transport.abortConnection()
+        for side in sides:
+            await side.lost
+
+    async def test_what_the_socket_does_not_take_follows_in_order(self):
+        """A write larger than the socket buffers is sent in part and queued for the rest;
+        a later write waits behind it: the peer reads every byte, in order."""
+        server, client = await self.connected_pair()
+        large = bytes(range(256)) * (16 * 1024)  # 4 MiB: more than loopback buffers hold
+        send_now(server.transport, large)
+        self.assertTrue(server.transport.dataBuffer or server.transport._tempDataBuffer)
+        send_now(server.transport, b"tail")
+        await wait_until(lambda: len(client.data) >= len(large) + 4, polls=2000)
+        self.assertEqual(bytes(client.data), large + b"tail")
+
+    async def test_failed_socket_is_reported_as_a_lost_connection(self):
+        """A send to a peer that has reset the connection raises nothing; the transport
+        reports the connection lost."""
+        server, client = await self.connected_pair()
+        client.transport.abortConnection()
+        await client.lost
+        for _ in range(3):  # the first sends may still be accepted before the reset is seen
+            if server.lost.called:
+                break
+            send_now(server.transport, b"x" * 65536)
+            await task.deferLater(reactor, 0.05, lambda: None)
+        await server.lost
