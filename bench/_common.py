@@ -1,7 +1,7 @@
 """Plumbing the benchmark scripts share: the server under test as a process, /proc readings,
 and the load generator's side of a run (reactor, logging, HTTP to the server's private side).
 
-`bench/fanout.py` and `bench/soak.py` import it as `_common`: they run as
+`bench/fanout.py`, `bench/soak.py` and `bench/suite.py` import it as `_common`: they run as
 `python bench/<script>.py`, which puts bench/ on sys.path. Only 127.0.0.1 is ever listened
 on or connected to.
 """
@@ -45,7 +45,8 @@ POLL_TIMEOUT = 1.0
 # ---------------------------------------------------------------- set-up
 
 def raise_open_file_limit() -> int:
-    """Raise RLIMIT_NOFILE to the hard limit and return it (the server subprocess inherits it)."""
+    """Raise RLIMIT_NOFILE to the hard limit and return it (children inherit it; the suite
+    also runs this in each child before exec)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
