@@ -58,49 +58,25 @@ Only 127.0.0.1 is ever listened on or connected to.
 """
 
 import argparse
-import hashlib
 import json
-import math
-import os
 import re
 import resource
-import secrets
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
-import warnings
 from array import array
 from collections import Counter
-from pathlib import Path
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.error import ConnectError, ReactorNotRunning
-from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
-                            globalLogBeginner, textFileLogObserver)
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived, readBody
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
+from _common import (HOST, PUBLIC_PATH, PrivateSide, ServerProcess, connection_caps, cpu_since,
+                     cpu_snapshot, percentile, raise_open_file_limit, run_with_server, workspace_of)
 from pydio_ws.auth import make_token
 
-HOST = "127.0.0.1"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SERVER_CPU = 0
-PUBLIC_PATH = "/public"
-PRIVATE_PATH = "/private"
-STARTUP_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 60.0
-STOP_TIMEOUT = 10.0
 POLL_INTERVAL = 0.1
-POLL_TIMEOUT = 1.0
 TOKEN_LIFETIME = 3600.0
 SATURATED = 0.9
 CONNECTION_MARGIN = 100
@@ -134,161 +110,22 @@ def parse_args(argv):
     return args
 
 
-def raise_open_file_limit() -> int:
-    """Raise RLIMIT_NOFILE to the hard limit (the server subprocess inherits it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def free_port() -> int:
-    """A port free on 127.0.0.1 right now (the server binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
-
-
-def code_version() -> str:
-    """The commit the server runs, with a digest of uncommitted changes: "abc1234+dirty.9f2e01"."""
-    def git(*arguments) -> bytes:
-        return subprocess.run(["git", "-C", str(REPO_ROOT), *arguments], capture_output=True,
-                              check=True, timeout=30).stdout
-    try:
-        commit = git("rev-parse", "--short", "HEAD").decode().strip()
-        changes = git("diff", "HEAD", "--", "pydio_ws", "twisted")
-        untracked = git("ls-files", "--others", "--exclude-standard", "--", "pydio_ws", "twisted")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    digest = hashlib.sha256(changes)
-    for name in untracked.split():
-        digest.update((REPO_ROOT / name.decode()).read_bytes())
-    return f"{commit}+dirty.{digest.hexdigest()[:6]}" if changes or untracked else commit
-
-
-def workspace_of(index: int, workspaces: int) -> str:
-    """The workspace of client `index`, or of message `index`."""
-    return str(1 + index % workspaces)
-
-
-def machine_cpu_times() -> tuple:
-    """Busy (everything but idle, iowait and steal) and steal CPU seconds of the whole machine."""
-    with open("/proc/stat") as stream:
-        fields = [int(value) for value in stream.readline().split()[1:9]]
-    user, nice, system, idle, iowait, irq, softirq, steal = fields
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (user + nice + system + irq + softirq) / ticks, steal / ticks
-
-
-def process_cpu_times() -> tuple:
-    """User and system CPU seconds this process has used so far."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime, usage.ru_stime
-
-
-class ServerProcess:
-    """The server under test: a `twistd -n pydio-ws` subprocess, stopped by PID on exit."""
-
-    def __init__(self, port: int, key: str, workdir: str, log_path: str, cpus, max_connections: int):
-        self.port = port
-        self._key = key
-        self._max_connections = max_connections
-        self._workdir = workdir
-        self.log_path = log_path
-        self._cpus = cpus
-        self._process = None
-        self.pinning = "none"
-
-    def __enter__(self):
-        twistd = Path(sys.executable).with_name("twistd")
-        if not twistd.exists():
-            raise RuntimeError(f"twistd not found next to {sys.executable}")
-        command = [str(twistd), "-n", "--pidfile=", "pydio-ws",
-                   "--public-host", HOST, "--public-port", str(self.port),
-                   "--private-host", HOST, "--private-port", str(self.port)]
-        taskset = shutil.which("taskset")
-        if self._cpus and taskset:
-            # taskset execs twistd, so the PID we hold is the server's own.
-            command = [taskset, "-c", ",".join(map(str, sorted(self._cpus)))] + command
-            self.pinning = f"taskset -c {','.join(map(str, sorted(self._cpus)))}"
-        environment = {name: value for name, value in os.environ.items()
-                       if not name.startswith("PYDIO_WS_")}
-        environment.update({
-            "PYTHONPATH": str(REPO_ROOT),
-            "PYDIO_WS_PRIVATE_KEY": self._key,
-            "PYDIO_WS_PRIVATE_GENERATED_KEY_FILE": os.path.join(self._workdir, "generated.key"),
-            # Every client comes from 127.0.0.1: lift the per-address and total caps.
-            "PYDIO_WS_LIMITS_MAX_CONNECTIONS": str(self._max_connections),
-            "PYDIO_WS_LIMITS_MAX_CONNECTIONS_PER_IP": str(self._max_connections),
-        })
-        with open(self.log_path, "wb") as log:
-            # A session of its own: a terminal's Ctrl-C reaches this script only, which
-            # then stops the server by PID (twistd logs a traceback if signalled twice).
-            self._process = subprocess.Popen(command, env=environment, cwd=self._workdir,
-                                             stdin=subprocess.DEVNULL, stdout=log,
-                                             stderr=subprocess.STDOUT, start_new_session=True)
-        if self._cpus and not taskset:
-            os.sched_setaffinity(self._process.pid, self._cpus)
-            self.pinning = f"sched_setaffinity {sorted(self._cpus)}"
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop()
-        return False
-
-    @property
-    def pid(self) -> int:
-        return self._process.pid
-
-    def exited(self):
-        """The exit status if the server has exited, else None."""
-        return self._process.poll()
-
-    def cpu_times(self) -> tuple:
-        """User and system CPU seconds the server has used so far."""
-        with open(f"/proc/{self.pid}/stat") as stream:
-            fields = stream.read().rpartition(")")[2].split()
-        # fields[0] is field 3 (state) of proc(5); utime and stime are fields 14 and 15.
-        ticks = os.sysconf("SC_CLK_TCK")
-        return int(fields[11]) / ticks, int(fields[12]) / ticks
-
-    def memory_mib(self) -> dict:
-        """Current and peak resident set size of the server, in MiB."""
-        values = {}
-        with open(f"/proc/{self.pid}/status") as stream:
-            for line in stream:
-                name, _, rest = line.partition(":")
-                if name in ("VmRSS", "VmHWM"):
-                    values[name] = round(int(rest.split()[0]) / 1024, 1)
-        return {"rss_mib": values.get("VmRSS"), "peak_rss_mib": values.get("VmHWM")}
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after STOP_TIMEOUT; returns once the process is reaped."""
-        if self._process is None or self._process.poll() is not None:
-            return
-        self._process.send_signal(signal.SIGTERM)
-        try:
-            self._process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-
-    def log_summary(self) -> dict:
-        """Line counts of the server's output, its first and last warning/error lines."""
-        lines = notable = 0
-        first, last = [], None
-        with open(self.log_path, encoding="utf-8", errors="replace") as stream:
-            for line in stream:
-                lines += 1
-                if _NOTABLE.search(line):
-                    notable += 1
-                    last = line.rstrip()[:300]
-                    if len(first) < NOTABLE_LOG_LINES:
-                        first.append(last)
-        summary = {"lines": lines, "warnings_and_errors": notable, "first_notable": first}
-        if notable > len(first):
-            summary["last_notable"] = last
-        return summary
+def log_summary(path: str) -> dict:
+    """Line counts of the server's output, its first and last warning/error lines."""
+    lines = notable = 0
+    first, last = [], None
+    with open(path, encoding="utf-8", errors="replace") as stream:
+        for line in stream:
+            lines += 1
+            if _NOTABLE.search(line):
+                notable += 1
+                last = line.rstrip()[:300]
+                if len(first) < NOTABLE_LOG_LINES:
+                    first.append(last)
+    summary = {"lines": lines, "warnings_and_errors": notable, "first_notable": first}
+    if notable > len(first):
+        summary["last_notable"] = last
+    return summary
 
 
 class Recorder:
@@ -351,28 +188,6 @@ class BenchClientFactory(WebSocketClientFactory):
         self.setProtocolOptions(utf8validateIncoming=False, openHandshakeTimeout=CONNECT_TIMEOUT)
 
 
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body already in memory, written at once."""
-
-    def __init__(self, body: bytes):
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer):
-        consumer.write(self.body)
-        return defer.succeed(None)
-
-    def pauseProducing(self):
-        pass
-
-    def resumeProducing(self):
-        pass
-
-    def stopProducing(self):
-        pass
-
-
 def cpu_figures(user: float, system: float, wall_seconds: float, deliveries: int) -> dict:
     """CPU use of one side over the publish phase, and the deliveries per CPU second it implies."""
     cpu_seconds = user + system
@@ -384,11 +199,6 @@ def cpu_figures(user: float, system: float, wall_seconds: float, deliveries: int
     }
 
 
-def percentile(ordered, fraction: float):
-    """Nearest-rank percentile of an ascending sequence."""
-    return ordered[max(1, math.ceil(len(ordered) * fraction)) - 1]
-
-
 class FanoutBench:
     """One benchmark run against a started ServerProcess, inside the reactor."""
 
@@ -397,11 +207,7 @@ class FanoutBench:
         self._server = server
         self._key = key
         self._reactor = reactor
-        self._base = f"http://{HOST}:{server.port}"
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._pool.maxPersistentPerHost = args.in_flight
-        self._agent = Agent(reactor, pool=self._pool)
-        self._key_headers = {b"X-Pydio-Key": [key.encode("ascii")]}
+        self._private = PrivateSide(reactor, server.port, key, args.in_flight, REQUEST_TIMEOUT)
         self.recorder = Recorder(args.messages)
         self._expected_per_workspace = {}
         self.phase = "starting"
@@ -410,32 +216,28 @@ class FanoutBench:
         self.first_publish_ns = None
         self.last_answer_ns = None
         self.connect_seconds = None
-        self.deadline_hit = False
 
     async def run(self) -> dict:
         """Start-up, connect, publish, wait; returns the result document."""
-        await self._wait_until_ready()
+        await self._private.wait_until_ready(self._server, POLL_INTERVAL)
         self.phase = "connecting"
         started = time.perf_counter()
         clients = await self._connect_all()
         self.connect_seconds = time.perf_counter() - started
         self.phase = "registering"
         await self._wait_until_registered()
-        cpu_before = (time.perf_counter(), *self._server.cpu_times(), *process_cpu_times(),
-                      *machine_cpu_times())
+        cpu_before = cpu_snapshot(self._server)
         self.phase = "publishing"
         await self._publish_all()
         self.phase = "waiting for stragglers"
         await self._wait_for_stragglers()
-        cpu_after = (time.perf_counter(), *self._server.cpu_times(), *process_cpu_times(),
-                     *machine_cpu_times())
-        cpu = tuple(after - before for after, before in zip(cpu_after, cpu_before))
+        cpu = cpu_since(self._server, cpu_before)
         end_ns = self.recorder.last_ns or self.last_answer_ns
         phase_seconds = (end_ns - self.first_publish_ns) / 1e9
-        status = await self._status()
+        status = await self._private.status()
         self.phase = "done"
         self.recorder.finishing = True
-        await self._pool.closeCachedConnections()
+        await self._private.close()
         for client in clients:
             if client.transport is not None:
                 client.transport.abortConnection()
@@ -443,31 +245,6 @@ class FanoutBench:
 
     async def _sleep(self, seconds: float) -> None:
         await task.deferLater(self._reactor, seconds, lambda: None)
-
-    async def _status(self, timeout: float = REQUEST_TIMEOUT) -> dict:
-        """The server's GET /private/status document."""
-        response = await self._agent.request(
-            b"GET", f"{self._base}{PRIVATE_PATH}/status".encode("ascii")
-        ).addTimeout(timeout, self._reactor)
-        body = await readBody(response)
-        code = response.code
-        if code != 200:
-            raise RuntimeError(f"GET {PRIVATE_PATH}/status answered {code}: {body[:200]!r}")
-        return json.loads(body)
-
-    async def _wait_until_ready(self) -> None:
-        give_up = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if self._server.exited() is not None:
-                raise RuntimeError(f"server exited with status {self._server.exited()} at start-up")
-            try:
-                await self._status(POLL_TIMEOUT)
-                return
-            except (ConnectError, ResponseNeverReceived, defer.TimeoutError):
-                pass
-            if time.monotonic() > give_up:
-                raise RuntimeError(f"server not answering after {STARTUP_TIMEOUT} s")
-            await self._sleep(POLL_INTERVAL)
 
     async def _connect_all(self) -> list:
         args = self._args
@@ -502,7 +279,7 @@ class FanoutBench:
 
     async def _wait_until_registered(self) -> None:
         while True:
-            registered = (await self._status())["connections"]["registered"]
+            registered = (await self._private.status())["connections"]["registered"]
             if registered == self._expected_per_workspace:
                 return
             await self._sleep(POLL_INTERVAL)
@@ -520,24 +297,18 @@ class FanoutBench:
 
     async def _publisher(self, sequences) -> None:
         """One of the `--in-flight` loops: POST the next message, await its answer, repeat."""
-        url = f"{self._base}{PRIVATE_PATH}".encode("ascii")
-        headers = {**self._key_headers, b"Content-Type": [b"application/json"]}
         workspaces, payload = self._args.workspaces, self._args.payload
         for sequence in sequences:
             sent = time.perf_counter_ns()
             content = f"{sequence} {sent} ".ljust(payload, "x")
-            body = json.dumps({"REPO_ID": workspace_of(sequence, workspaces), "CONTENT": content})
             if self.first_publish_ns is None:
                 self.first_publish_ns = sent
-            response = await self._agent.request(
-                b"POST", url, Headers(headers), BytesProducer(body.encode("utf-8"))
-            ).addTimeout(REQUEST_TIMEOUT, self._reactor)
-            answer = await readBody(response)
+            code, answer = await self._private.publish(workspace_of(sequence, workspaces), content)
             self.last_answer_ns = time.perf_counter_ns()
-            if response.code != 200 or json.loads(answer) != {"published": 1}:
+            if code != 200 or json.loads(answer) != {"published": 1}:
                 self.publish_errors += 1
                 if self.first_publish_error is None:
-                    self.first_publish_error = f"{response.code} {answer[:200]!r}"
+                    self.first_publish_error = f"{code} {answer[:200]!r}"
                 self.recorder.expect(self.recorder.expected - self._expected_of(sequence))
 
     async def _wait_for_stragglers(self) -> None:
@@ -611,56 +382,6 @@ class FanoutBench:
                 "clients_closed_early": self.recorder.closed_early}
 
 
-def start_logging() -> None:
-    """Warnings and errors of this process (e.g. unhandled Deferred failures) to stderr."""
-    levels = LogLevelFilterPredicate(LogLevel.warn)
-    # Autobahn warns once per refused handshake; the JSON line reports the first refusal.
-    levels.setLogLevelForNamespace("autobahn", LogLevel.error)
-    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [levels])
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-
-
-def run_in_reactor(args, server: ServerProcess, key: str) -> dict:
-    """Run a FanoutBench under the global reactor, bounded by `--deadline`."""
-    from twisted.internet import reactor
-
-    bench = FanoutBench(args, server, key, reactor)
-    outcome = {}
-    running = defer.Deferred.fromCoroutine(bench.run())
-
-    def expire():
-        bench.deadline_hit = True
-        running.cancel()
-
-    def stop():
-        try:
-            reactor.stop()
-        except ReactorNotRunning:
-            pass
-
-    deadline = reactor.callLater(args.deadline, expire)
-    # Should cancellation ever not unwind, stop the reactor anyway a little later.
-    backstop = reactor.callLater(args.deadline + STOP_TIMEOUT, stop)
-
-    def finished(result):
-        if isinstance(result, dict):
-            outcome["result"] = result
-        elif bench.deadline_hit:
-            outcome["result"] = bench.partial(f"deadline of {args.deadline} s exceeded")
-        else:
-            outcome["result"] = bench.partial(f"{result.type.__name__}: {result.getErrorMessage()}")
-        for call in (deadline, backstop):
-            if call.active():
-                call.cancel()
-        reactor.callWhenRunning(stop)
-
-    running.addBoth(finished)
-    reactor.run()
-    if "result" in outcome:
-        return outcome["result"]
-    return bench.partial(f"deadline of {args.deadline} s exceeded" if bench.deadline_hit else "interrupted")
-
-
 def succeeded(result: dict) -> bool:
     return ("error" not in result and result["lost_deliveries"] == 0
             and result["unexpected_deliveries"] == 0 and result["publish_errors"] == 0
@@ -672,27 +393,8 @@ def main(argv=None) -> int:
     open_files = raise_open_file_limit()
     if open_files < args.clients + 100:
         sys.exit(f"open-file limit {open_files} is too low for {args.clients} clients")
-    start_logging()
-    # readBody warns when a short response arrived whole before it was called (the
-    # transport it then sees has no abortConnection); harmless here.
-    warnings.filterwarnings("ignore", "Using readBody with a transport", DeprecationWarning)
-    available = os.sched_getaffinity(0)
-    pinned = len(available) > 1 and SERVER_CPU in available
-    key = secrets.token_urlsafe(48)
-    version = code_version()
-    with tempfile.TemporaryDirectory(prefix="pydio-ws-bench-") as workdir:
-        log_path = args.server_log or os.path.join(workdir, "server.log")
-        server = ServerProcess(free_port(), key, workdir, log_path, {SERVER_CPU} if pinned else None,
-                               max_connections=args.clients + CONNECTION_MARGIN)
-        with server:
-            if pinned:
-                os.sched_setaffinity(0, available - {SERVER_CPU})
-            result = run_in_reactor(args, server, key)
-        result["server_log"] = server.log_summary()
-    result["pinning"] = {"server": server.pinning,
-                         "client": sorted(os.sched_getaffinity(0)) if pinned else "none"}
-    result["open_file_limit"] = open_files
-    result["code"] = version
+    result = run_with_server(FanoutBench, args, connection_caps(args.clients + CONNECTION_MARGIN),
+                             log_summary, open_files, "pydio-ws-bench-")
     sys.stdout.write(json.dumps(result) + "\n")
     return 0 if succeeded(result) else 1
 

@@ -12,10 +12,11 @@ What it does:
 
 1. Starts the real server, `twistd -n pydio-ws`, on a free 127.0.0.1 port (one shared
    listener), pinned to CPU 0 with `taskset -c 0`, and pins this process, the load
-   generator, to the other CPUs (the approach and helpers of `bench/fanout.py`). The
-   server's settings reach it through its environment only: a random private key,
-   `allowed_origins`, and the connection caps: by default high enough for every client
-   (all come from 127.0.0.1), or `--per-ip-cap` to leave a cap that churners run into.
+   generator, to the other CPUs (the approach of `bench/fanout.py`, with the helpers both
+   share in `bench/_common.py`). The server's settings reach it through its environment
+   only: a random private key, `allowed_origins`, and the connection caps: by default
+   high enough for every client (all come from 127.0.0.1), or `--per-ip-cap` to leave a
+   cap that churners run into.
 2. Connects `--clients` stable clients (Autobahn/Twisted, at most `--connect-concurrency`
    handshakes at a time); client i sends `register:<w>`, w = 1 + i % W. GET
    /private/status is polled until the server counts exactly these registrations.
@@ -97,7 +98,6 @@ import bisect
 import gc
 import json
 import math
-import os
 import random
 import re
 import resource
@@ -105,36 +105,29 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
-import warnings
 from array import array
 from collections import Counter
-from pathlib import Path
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.error import ConnectError, ReactorNotRunning
+from twisted.internet.error import ConnectError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseNeverReceived, readBody
-from twisted.web.http_headers import Headers
 
-from fanout import (HOST, PRIVATE_PATH, PUBLIC_PATH, REPO_ROOT, SERVER_CPU, BytesProducer,
-                    ServerProcess, code_version, free_port, machine_cpu_times, percentile,
-                    process_cpu_times, raise_open_file_limit, start_logging)
+from _common import (HOST, PUBLIC_PATH, PrivateSide, ServerProcess, cpu_since, cpu_snapshot,
+                     percentile, raise_open_file_limit, run_with_server, tcp_ext_counters,
+                     workspace_of)
 from pydio_ws.auth import make_token
 
 ALLOWED_ORIGIN = "http://pydio.localhost"
 FORBIDDEN_ORIGIN = "http://evil.localhost"
-STARTUP_TIMEOUT = 30.0
 REQUEST_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 30.0
 OPEN_TIMEOUT = 40.0
 CLOSE_TIMEOUT = 15.0
 SETTLE_TIMEOUT = 60.0
 POLL_INTERVAL = 0.2
-POLL_TIMEOUT = 1.0
 TOKEN_LIFETIME = 7200.0
 SATURATED = 0.9
 CONNECTION_MARGIN = 100
@@ -216,59 +209,22 @@ def parse_args(argv):
     return args
 
 
-class SoakServer(ServerProcess):
-    """The fan-out benchmark's server process, with the soak's settings in its environment."""
-
-    def __init__(self, port: int, key: str, workdir: str, log_path: str, cpus, settings: dict):
-        super().__init__(port, key, workdir, log_path, cpus, max_connections=0)
-        self._settings = settings
-
-    def __enter__(self):
-        twistd = Path(sys.executable).with_name("twistd")
-        if not twistd.exists():
-            raise RuntimeError(f"twistd not found next to {sys.executable}")
-        command = [str(twistd), "-n", "--pidfile=", "pydio-ws",
-                   "--public-host", HOST, "--public-port", str(self.port),
-                   "--private-host", HOST, "--private-port", str(self.port)]
-        taskset = shutil.which("taskset")
-        if self._cpus and taskset:
-            # taskset execs twistd, so the PID we hold is the server's own.
-            command = [taskset, "-c", ",".join(map(str, sorted(self._cpus)))] + command
-            self.pinning = f"taskset -c {','.join(map(str, sorted(self._cpus)))}"
-        environment = {name: value for name, value in os.environ.items()
-                       if not name.startswith("PYDIO_WS_")}
-        environment.update({
-            "PYTHONPATH": str(REPO_ROOT),
-            "PYDIO_WS_PRIVATE_KEY": self._key,
-            "PYDIO_WS_PRIVATE_GENERATED_KEY_FILE": os.path.join(self._workdir, "generated.key"),
-            **self._settings,
-        })
-        with open(self.log_path, "wb") as log:
-            # A session of its own: Ctrl-C reaches this script only, which stops the server.
-            self._process = subprocess.Popen(command, env=environment, cwd=self._workdir,
-                                             stdin=subprocess.DEVNULL, stdout=log,
-                                             stderr=subprocess.STDOUT, start_new_session=True)
-        if self._cpus and not taskset:
-            os.sched_setaffinity(self._process.pid, self._cpus)
-            self.pinning = f"sched_setaffinity {sorted(self._cpus)}"
-        return self
-
-    def log_summary(self) -> dict:
-        """Line count, error and warning lines with the first few of each."""
-        lines = 0
-        counts = Counter()
-        first = {"errors": [], "warnings": []}
-        with open(self.log_path, encoding="utf-8", errors="replace") as stream:
-            for line in stream:
-                lines += 1
-                kind = ("errors" if _ERROR_LINE.search(line)
-                        else "warnings" if _WARNING_LINE.search(line) else None)
-                if kind:
-                    counts[kind] += 1
-                    if len(first[kind]) < LOG_EXCERPT_LINES:
-                        first[kind].append(line.rstrip()[:300])
-        return {"lines": lines, "errors": counts["errors"], "warnings": counts["warnings"],
-                "first_errors": first["errors"], "first_warnings": first["warnings"]}
+def log_summary(path: str) -> dict:
+    """Line count of the server's output, error and warning lines with the first few of each."""
+    lines = 0
+    counts = Counter()
+    first = {"errors": [], "warnings": []}
+    with open(path, encoding="utf-8", errors="replace") as stream:
+        for line in stream:
+            lines += 1
+            kind = ("errors" if _ERROR_LINE.search(line)
+                    else "warnings" if _WARNING_LINE.search(line) else None)
+            if kind:
+                counts[kind] += 1
+                if len(first[kind]) < LOG_EXCERPT_LINES:
+                    first[kind].append(line.rstrip()[:300])
+    return {"lines": lines, "errors": counts["errors"], "warnings": counts["warnings"],
+            "first_errors": first["errors"], "first_warnings": first["warnings"]}
 
 
 def listen_queue(port: int):
@@ -286,15 +242,8 @@ def listen_queue(port: int):
 
 def listen_counters() -> Counter:
     """Machine-wide TCP counters of connections a full listen queue turned away."""
-    with open("/proc/net/netstat") as stream:
-        lines = [line.split() for line in stream if line.startswith("TcpExt:")]
-    values = dict(zip(lines[0][1:], map(int, lines[1][1:])))
+    values = tcp_ext_counters()
     return Counter({name: values.get(name, 0) for name in LISTEN_COUNTERS})
-
-
-def workspace_of(index: int, workspaces: int) -> str:
-    """The workspace of stable client `index`, or of message `index`."""
-    return str(1 + index % workspaces)
 
 
 def refusal_label(reason: str) -> str:
@@ -460,15 +409,12 @@ class SessionFactory(WebSocketClientFactory):
 class Soak:
     """One soak run against a started server, inside the reactor."""
 
-    def __init__(self, args, server: SoakServer, key: str, reactor):
+    def __init__(self, args, server: ServerProcess, key: str, reactor):
         self._args = args
         self._server = server
         self._key = key
         self._reactor = reactor
-        self._base = f"http://{HOST}:{server.port}"
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._pool.maxPersistentPerHost = args.max_in_flight
-        self._agent = Agent(reactor, pool=self._pool)
+        self._private = PrivateSide(reactor, server.port, key, args.max_in_flight, REQUEST_TIMEOUT)
         self._max_messages = math.ceil(args.rate * args.duration) + 1
         self.totals = Totals(args.workspaces, math.ceil(self._max_messages / args.workspaces) + 1)
         # Per message: 0 not sent, 1 pending, 2 accepted, 3 failed.
@@ -492,7 +438,6 @@ class Soak:
         self._listen_before = Counter()
         self._listen_turned_away = {}
         self.phase = "starting"
-        self.deadline_hit = False
         self.memory = {}
 
     # -- helpers ---------------------------------------------------------------------
@@ -503,20 +448,11 @@ class Soak:
     async def _sleep(self, seconds: float) -> None:
         await task.deferLater(self._reactor, max(0.0, seconds), lambda: None)
 
-    async def _status(self, timeout: float = REQUEST_TIMEOUT) -> dict:
-        response = await self._agent.request(
-            b"GET", f"{self._base}{PRIVATE_PATH}/status".encode("ascii")
-        ).addTimeout(timeout, self._reactor)
-        body = await readBody(response)
-        if response.code != 200:
-            raise RuntimeError(f"GET {PRIVATE_PATH}/status answered {response.code}: {body[:200]!r}")
-        return json.loads(body)
-
     async def _wait_for_status(self, predicate, timeout: float):
         """Poll /status until `predicate(status)` holds; returns the last status and whether it held."""
         give_up = self._now() + timeout
         while True:
-            status = await self._status()
+            status = await self._private.status()
             if predicate(status) or self._now() > give_up:
                 return status, predicate(status)
             await self._sleep(POLL_INTERVAL)
@@ -560,7 +496,7 @@ class Soak:
 
     async def run(self) -> dict:
         args = self._args
-        await self._wait_until_ready()
+        await self._private.wait_until_ready(self._server, POLL_INTERVAL)
         self.memory["start"] = self._server.memory_mib()["rss_mib"]
         self.phase = "connecting stable clients"
         started = self._now()
@@ -584,8 +520,7 @@ class Soak:
         self._gc.start()
         self._listen_queue = listen_queue(self._server.port)
         self._listen_before = listen_counters()
-        before = (time.perf_counter(), *self._server.cpu_times(), *process_cpu_times(),
-                  *machine_cpu_times())
+        before = cpu_snapshot(self._server)
         self._soak_start = self._now()
         self._soak_end = self._soak_start + args.duration
         lag = task.LoopingCall(self._measure_lag)
@@ -604,8 +539,7 @@ class Soak:
         lag.stop()
         await lag_done
         self._gc.stop()
-        after = (time.perf_counter(), *self._server.cpu_times(), *process_cpu_times(),
-                 *machine_cpu_times())
+        cpu = cpu_since(self._server, before)
         soak_seconds = self._now() - self._soak_start
         after_listen = listen_counters()
         self._listen_turned_away = {name: after_listen[name] - self._listen_before[name]
@@ -625,25 +559,10 @@ class Soak:
             lambda s: s["connections"]["open"] == 0 and not s["connections"]["registered"], SETTLE_TIMEOUT)
         self.memory["after_all_closed"] = self._server.memory_mib()["rss_mib"]
         self.memory["peak"] = self._server.memory_mib()["peak_rss_mib"]
-        await self._pool.closeCachedConnections()
+        await self._private.close()
         self.phase = "done"
-        cpu = tuple(b - a for a, b in zip(before, after))
         return self._result(connect_seconds, soak_seconds, cpu, status_before, status_end, end_ok,
                             probe, status_closed, closed_ok)
-
-    async def _wait_until_ready(self) -> None:
-        give_up = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if self._server.exited() is not None:
-                raise RuntimeError(f"server exited with status {self._server.exited()} at start-up")
-            try:
-                await self._status(POLL_TIMEOUT)
-                return
-            except (ConnectError, ResponseNeverReceived, defer.TimeoutError):
-                pass
-            if time.monotonic() > give_up:
-                raise RuntimeError(f"server not answering after {STARTUP_TIMEOUT} s")
-            await self._sleep(POLL_INTERVAL)
 
     async def _connect_stable(self) -> None:
         args = self._args
@@ -695,24 +614,18 @@ class Soak:
         args = self._args
         sent = time.perf_counter_ns()
         content = f"{sequence} {sent} ".ljust(args.payload, "x")
-        body = json.dumps({"REPO_ID": workspace_of(sequence, args.workspaces), "CONTENT": content})
-        headers = Headers({b"X-Pydio-Key": [self._key.encode("ascii")],
-                           b"Content-Type": [b"application/json"]})
         try:
-            response = await self._agent.request(
-                b"POST", f"{self._base}{PRIVATE_PATH}".encode("ascii"), headers,
-                BytesProducer(body.encode("utf-8"))).addTimeout(REQUEST_TIMEOUT, self._reactor)
-            answer = await readBody(response)
+            code, answer = await self._private.publish(workspace_of(sequence, args.workspaces), content)
         except Exception as error:
             self._outcome[sequence] = 3
             self._publish_errors[type(error).__name__] += 1
             return
-        if response.code == 200 and json.loads(answer) == {"published": 1}:
+        if code == 200 and json.loads(answer) == {"published": 1}:
             self._outcome[sequence] = 2
             self.totals.publish_round_trips.append(time.perf_counter_ns() - sent)
         else:
             self._outcome[sequence] = 3
-            self._publish_errors[f"{response.code} {answer[:100]!r}"] += 1
+            self._publish_errors[f"{code} {answer[:100]!r}"] += 1
 
     async def _drain_publishes(self) -> None:
         if self._in_flight:
@@ -826,7 +739,7 @@ class Soak:
         args = self._args
         for _ in range(int(args.duration / args.sample_interval) + 2):
             now = self._now()
-            status = await self._status()
+            status = await self._private.status()
             self._samples.append({
                 "t": round(now - self._soak_start, 1),
                 "rss_mib": self._server.memory_mib()["rss_mib"],
@@ -1023,58 +936,12 @@ def checks(result: dict) -> dict:
     }
 
 
-def run_in_reactor(args, server: SoakServer, key: str) -> dict:
-    """Run a Soak under the global reactor, bounded by `--deadline`."""
-    from twisted.internet import reactor
-
-    soak = Soak(args, server, key, reactor)
-    outcome = {}
-    running = defer.Deferred.fromCoroutine(soak.run())
-
-    def expire():
-        soak.deadline_hit = True
-        running.cancel()
-
-    def stop():
-        try:
-            reactor.stop()
-        except ReactorNotRunning:
-            pass
-
-    deadline = reactor.callLater(args.deadline, expire)
-    # Should cancellation not unwind (the churners keep running), stop the reactor anyway.
-    backstop = reactor.callLater(args.deadline + 10.0, stop)
-
-    def finished(result):
-        if isinstance(result, dict):
-            outcome["result"] = result
-        elif soak.deadline_hit:
-            outcome["result"] = soak.partial(f"deadline of {args.deadline} s exceeded")
-        else:
-            outcome["result"] = soak.partial(f"{result.type.__name__}: {result.getErrorMessage()}")
-        for call in (deadline, backstop):
-            if call.active():
-                call.cancel()
-        reactor.callWhenRunning(stop)
-
-    running.addBoth(finished)
-    reactor.run()
-    return outcome.get("result") or soak.partial(
-        f"deadline of {args.deadline} s exceeded" if soak.deadline_hit else "interrupted")
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     open_files = raise_open_file_limit()
     needed = max(args.per_ip_cap, args.clients + args.churners) + args.bad_clients + CONNECTION_MARGIN
     if open_files < needed:
         sys.exit(f"open-file limit {open_files} is too low for {needed} connections")
-    start_logging()
-    warnings.filterwarnings("ignore", "Using readBody with a transport", DeprecationWarning)
-    available = os.sched_getaffinity(0)
-    pinned = len(available) > 1 and SERVER_CPU in available
-    key = secrets.token_urlsafe(48)
-    version = code_version()
     settings = {
         "PYDIO_WS_PUBLIC_ALLOWED_ORIGINS": ALLOWED_ORIGIN,
         "PYDIO_WS_LIMITS_MAX_CONNECTIONS": str(args.max_connections),
@@ -1082,19 +949,7 @@ def main(argv=None) -> int:
     }
     if args.max_auth_failures:
         settings["PYDIO_WS_LIMITS_MAX_AUTH_FAILURES"] = str(args.max_auth_failures)
-    with tempfile.TemporaryDirectory(prefix="pydio-ws-soak-") as workdir:
-        log_path = args.server_log or os.path.join(workdir, "server.log")
-        server = SoakServer(free_port(), key, workdir, log_path,
-                            {SERVER_CPU} if pinned else None, settings)
-        with server:
-            if pinned:
-                os.sched_setaffinity(0, available - {SERVER_CPU})
-            result = run_in_reactor(args, server, key)
-        result["server_log"] = server.log_summary()
-    result["pinning"] = {"server": server.pinning,
-                         "client": sorted(os.sched_getaffinity(0)) if pinned else "none"}
-    result["open_file_limit"] = open_files
-    result["code"] = version
+    result = run_with_server(Soak, args, settings, log_summary, open_files, "pydio-ws-soak-")
     result["checks"] = checks(result)
     result["passed"] = bool(result["checks"]) and all(result["checks"].values())
     sys.stdout.write(json.dumps(result) + "\n")

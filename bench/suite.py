@@ -77,17 +77,16 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HOST = "127.0.0.1"
+from _common import (HOST, REPO_ROOT, STARTUP_TIMEOUT, STATUS_PATH, STOP_TIMEOUT, code_version,
+                     connection_caps, free_port, machine_cpu_times, proc_cpu_times, proc_memory_kib,
+                     raise_open_file_limit, server_environment, tcp_ext_counters, twistd_command)
+
 BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 DEFAULT_PLOT = REPO_ROOT / "docs" / "benchmarks-ratios.png"
-STATUS_PATH = "/private/status"
 SERVER_CPUS = "0"
 LOADGEN_CPUS = "1"
 ALL_CPUS = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))
-STARTUP_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
 EXIT_MARGIN = 30.0
 IDLE_SETTLE = 1.0
 QUIET_SAMPLE = 2.0
@@ -196,20 +195,6 @@ SUMMED = ("lost",)
 
 # ---------------------------------------------------------------- processes and /proc
 
-def free_port() -> int:
-    """A port free on 127.0.0.1 right now (the server binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
-
-
-def raise_open_file_limit() -> None:
-    """RLIMIT_NOFILE to the hard limit; runs in each child before exec."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def descendants(pid: int) -> list:
     """`pid` and every process below it, from /proc/<pid>/task/*/children."""
     found, pending = [], [pid]
@@ -225,13 +210,10 @@ def descendants(pid: int) -> list:
 
 def cpu_seconds(pids) -> float:
     """User + system CPU seconds of these processes (those still alive)."""
-    total, ticks = 0.0, os.sysconf("SC_CLK_TCK")
+    total = 0.0
     for pid in pids:
         with contextlib.suppress(OSError):
-            with open(f"/proc/{pid}/stat") as stream:
-                fields = stream.read().rpartition(")")[2].split()
-            # fields[0] is field 3 (state) of proc(5); utime and stime are fields 14 and 15.
-            total += (int(fields[11]) + int(fields[12])) / ticks
+            total += sum(proc_cpu_times(pid))
     return total
 
 
@@ -240,24 +222,16 @@ def memory_kib(pids) -> dict:
     totals = {"VmRSS": 0, "VmHWM": 0}
     for pid in pids:
         with contextlib.suppress(OSError):
-            with open(f"/proc/{pid}/status") as stream:
-                for line in stream:
-                    name, _, rest = line.partition(":")
-                    if name in totals:
-                        totals[name] += int(rest.split()[0])
+            for name, kib in proc_memory_kib(pid).items():
+                totals[name] += kib
     return totals
 
 
 def machine_busy_cores(seconds: float) -> float:
     """CPUs' worth of busy time (all but idle, iowait and steal) over the next `seconds`."""
-    def busy() -> float:
-        with open("/proc/stat") as stream:
-            user, nice, system, _idle, _iowait, irq, softirq = (
-                int(value) for value in stream.readline().split()[1:8])
-        return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
-    before, started = busy(), time.monotonic()
+    before, started = machine_cpu_times()[0], time.monotonic()
     time.sleep(seconds)
-    return (busy() - before) / (time.monotonic() - started)
+    return (machine_cpu_times()[0] - before) / (time.monotonic() - started)
 
 
 def wait_quiet(threshold: float, patience: float) -> dict:
@@ -272,11 +246,8 @@ def wait_quiet(threshold: float, patience: float) -> dict:
 
 def listen_overflows() -> int:
     """The machine's TcpExt ListenOverflows counter: SYNs dropped because an accept queue was full."""
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        with open("/proc/net/netstat") as stream:
-            lines = stream.read().splitlines()
-        names, values = (line.split() for line in lines if line.startswith("TcpExt:"))
-        return int(values[names.index("ListenOverflows")])
+    with contextlib.suppress(OSError, ValueError, IndexError, KeyError):
+        return tcp_ext_counters()["ListenOverflows"]
     return 0
 
 
@@ -446,21 +417,8 @@ class Servers:
             time.sleep(0.1)
 
     def _pydio_command(self, port: int, node: int, redis_url):
-        twistd = Path(sys.executable).with_name("twistd")
-        if not twistd.exists():
-            raise RuntimeError(f"twistd not found next to {sys.executable}")
-        command = [str(twistd), "-n", "--pidfile=", "pydio-ws",
-                   "--public-host", HOST, "--public-port", str(port),
-                   "--private-host", HOST, "--private-port", str(port)]
-        env = {name: value for name, value in os.environ.items() if not name.startswith("PYDIO_WS_")}
-        env.update({
-            "PYTHONPATH": str(self._code_root),
-            "PYDIO_WS_PRIVATE_KEY": self._key,
-            "PYDIO_WS_PRIVATE_GENERATED_KEY_FILE": str(self._workdir / f"generated-{node}.key"),
-            # Every client comes from 127.0.0.1: lift the per-address and total caps.
-            "PYDIO_WS_LIMITS_MAX_CONNECTIONS": str(self._max_connections),
-            "PYDIO_WS_LIMITS_MAX_CONNECTIONS_PER_IP": str(self._max_connections),
-        })
+        env = server_environment(self._key, self._code_root, self._workdir / f"generated-{node}.key",
+                                 connection_caps(self._max_connections))
         for name, value in self._extra_env.items():
             # Side experiments only (e.g. a sitecustomize directory): in front of the code.
             env[name] = f"{value}{os.pathsep}{env[name]}" if name == "PYTHONPATH" else value
@@ -468,7 +426,7 @@ class Servers:
             env["PYDIO_WS_BROKER_URL"] = redis_url
         if self.contender.workers > 1:
             env["PYDIO_WS_SERVER_WORKERS"] = str(self.contender.workers)
-        return command, env
+        return twistd_command(port), env
 
     def _peer_command(self, port: int):
         node = shutil.which("node")
@@ -882,23 +840,6 @@ def snapshot_code(destination: Path) -> str:
     for path in sorted(destination.rglob("*.py")):
         digest.update(str(path.relative_to(destination)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
-
-
-def code_version() -> str:
-    """The commit the server runs, with a digest of uncommitted changes: "abc1234+dirty.9f2e01"."""
-    def git(*arguments) -> bytes:
-        return subprocess.run(["git", "-C", str(REPO_ROOT), *arguments], capture_output=True,
-                              check=True, timeout=30).stdout
-    try:
-        commit = git("rev-parse", "--short", "HEAD").decode().strip()
-        changes = git("diff", "HEAD", "--", "pydio_ws", "twisted")
-        untracked = git("ls-files", "--others", "--exclude-standard", "--", "pydio_ws", "twisted")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    digest = hashlib.sha256(changes)
-    for name in untracked.split():
-        digest.update((REPO_ROOT / name.decode()).read_bytes())
-    return f"{commit}+dirty.{digest.hexdigest()[:6]}" if changes or untracked else commit
 
 
 def environment() -> dict:
