@@ -174,7 +174,24 @@ class _TrackedSite(Site):
         self.tracker = _Tracker()
 
 
-class FakePydio:
+class _LoopbackHost:
+    """What the fakes share: a port on 127.0.0.1 (`_port`) and the tracker of its
+    connections (`_tracker`), both set by the subclass."""
+
+    _port = None
+    _tracker: _Tracker
+
+    def stop(self) -> Deferred:
+        """Stop listening and close every connection; fires when all are closed."""
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self):
+        if self._port is not None:
+            await self._port.stopListening()
+        await self._tracker.close_all()
+
+
+class FakePydio(_LoopbackHost):
     """A fake Pydio host; set `replies[cookie header] = Reply(...) or Held()`."""
 
     def __init__(self, reactor):
@@ -184,7 +201,7 @@ class FakePydio:
         self.base_url = ""
         self._reactor = reactor
         self._site = _TrackedSite(_Registry(self), reactor)
-        self._port = None
+        self._tracker = self._site.tracker
         self._next: List[Deferred] = []
 
     async def start(self, tls=None, host: str = "127.0.0.1") -> str:
@@ -199,14 +216,6 @@ class FakePydio:
         self.url = f"{self.base_url}?{QUERY}"
         return self.url
 
-    def stop(self) -> Deferred:
-        """Stop listening and close every connection; fires when all are closed."""
-        return Deferred.fromCoroutine(self._stop())
-
-    async def _stop(self):
-        if self._port is not None:
-            await self._port.stopListening()
-        await self._site.tracker.close_all()
 
     def next_request(self) -> Deferred:
         """A Deferred firing with the next Received request."""
@@ -247,7 +256,7 @@ class _RawReply(Protocol):
         self.factory.tracker.closed(self)
 
 
-class CloseDelimitedPydio:
+class CloseDelimitedPydio(_LoopbackHost):
     """A raw TCP host that writes `reply` verbatim after a request head, then closes."""
 
     def __init__(self, reactor, reply: bytes):
@@ -257,8 +266,7 @@ class CloseDelimitedPydio:
         self._factory = Factory.forProtocol(_RawReply)
         self._factory.reply = reply
         self._factory.received = self.received
-        self._factory.tracker = _Tracker()
-        self._port = None
+        self._factory.tracker = self._tracker = _Tracker()
 
     async def start(self) -> str:
         """Listen on 127.0.0.1; return (and set) `url`."""
@@ -266,14 +274,6 @@ class CloseDelimitedPydio:
         self.url = f"http://127.0.0.1:{self._port.getHost().port}{PATH}?{QUERY}"
         return self.url
 
-    def stop(self) -> Deferred:
-        """Stop listening and close every connection; fires when all are closed."""
-        return Deferred.fromCoroutine(self._stop())
-
-    async def _stop(self):
-        if self._port is not None:
-            await self._port.stopListening()
-        await self._factory.tracker.close_all()
 
 
 async def unreachable_url(reactor) -> str:
