@@ -22,7 +22,7 @@ def _sendable_now(transport) -> bool:
     """True for an open plain TCP transport with no unsent bytes.
 
     The type check matters: a TLS transport forwards unknown attributes, such as
-    writeSomeData, to the TCP transport below it, which would bypass encryption.
+    `socket`, to the TCP transport below it, which would bypass encryption.
     Twisted's TCP transport keeps unsent bytes in dataBuffer and _tempDataBuffer;
     sending past them would reorder the stream.
     """

@@ -1,5 +1,7 @@
 """Tests for pydio_ws.batching: one flush per reactor turn, safe direct sends."""
 
+from types import SimpleNamespace
+
 from twisted.internet import defer, endpoints, reactor, task
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
@@ -67,9 +69,9 @@ class SendNowTests(unittest.TestCase):
         self.assertEqual(transport.value(), b"frame")
 
     def test_wrapped_transport_is_never_bypassed(self):
-        """A wrapping transport (as TLS is) that forwards writeSomeData is still written through."""
+        """A wrapping transport (as TLS is) that forwards `socket` is still written through."""
         inner = StringTransport()
-        inner.writeSomeData = lambda data: self.fail("bypassed the wrapper")
+        inner.socket = SimpleNamespace(send=lambda data: self.fail("bypassed the wrapper"))
         wrapper = ProtocolWrapper(WrappingFactory(Factory.forProtocol(Protocol)), Protocol())
         wrapper.makeConnection(inner)
         send_now(wrapper, b"frame")
