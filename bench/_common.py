@@ -38,6 +38,7 @@ PUBLIC_PATH = "/public"
 PRIVATE_PATH = "/private"
 STATUS_PATH = f"{PRIVATE_PATH}/status"
 STARTUP_TIMEOUT = 30.0
+CONNECTION_MARGIN = 100  # connection caps are the clients a run needs plus this
 STOP_TIMEOUT = 10.0
 POLL_TIMEOUT = 1.0
 

@@ -70,8 +70,9 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import defer, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
-from _common import (HOST, PUBLIC_PATH, PrivateSide, ServerProcess, connection_caps, cpu_since,
-                     cpu_snapshot, percentile, raise_open_file_limit, run_with_server, workspace_of)
+from _common import (CONNECTION_MARGIN, HOST, PUBLIC_PATH, PrivateSide, ServerProcess,
+                     connection_caps, cpu_since, cpu_snapshot, percentile, raise_open_file_limit,
+                     run_with_server, workspace_of)
 from pydio_ws.auth import make_token
 
 REQUEST_TIMEOUT = 60.0
@@ -79,7 +80,6 @@ CONNECT_TIMEOUT = 60.0
 POLL_INTERVAL = 0.1
 TOKEN_LIFETIME = 3600.0
 SATURATED = 0.9
-CONNECTION_MARGIN = 100
 NOTABLE_LOG_LINES = 10
 _NOTABLE = re.compile(r"#(warn|error|critical)\]|Traceback|Unhandled")
 

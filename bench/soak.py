@@ -115,9 +115,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 
-from _common import (HOST, PUBLIC_PATH, PrivateSide, ServerProcess, cpu_since, cpu_snapshot,
-                     percentile, raise_open_file_limit, run_with_server, tcp_ext_counters,
-                     workspace_of)
+from _common import (CONNECTION_MARGIN, HOST, PUBLIC_PATH, PrivateSide, ServerProcess, cpu_since,
+                     cpu_snapshot, percentile, raise_open_file_limit, run_with_server,
+                     tcp_ext_counters, workspace_of)
 from pydio_ws.auth import make_token
 
 ALLOWED_ORIGIN = "http://pydio.localhost"
@@ -130,7 +130,6 @@ SETTLE_TIMEOUT = 60.0
 POLL_INTERVAL = 0.2
 TOKEN_LIFETIME = 7200.0
 SATURATED = 0.9
-CONNECTION_MARGIN = 100
 LAG_INTERVAL = 0.05
 REFUSED_BACKOFF = (0.5, 2.0)
 MAX_CYCLES_PER_SECOND = 20

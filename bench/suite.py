@@ -77,9 +77,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _common import (HOST, REPO_ROOT, STARTUP_TIMEOUT, STATUS_PATH, STOP_TIMEOUT, code_version,
-                     connection_caps, free_port, machine_cpu_times, proc_cpu_times, proc_memory_kib,
-                     raise_open_file_limit, server_environment, tcp_ext_counters, twistd_command)
+from _common import (CONNECTION_MARGIN, HOST, REPO_ROOT, STARTUP_TIMEOUT, STATUS_PATH, STOP_TIMEOUT,
+                     code_version, connection_caps, free_port, machine_cpu_times, proc_cpu_times,
+                     proc_memory_kib, raise_open_file_limit, server_environment, tcp_ext_counters,
+                     twistd_command)
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -90,7 +91,6 @@ ALL_CPUS = ",".join(str(cpu) for cpu in sorted(os.sched_getaffinity(0)))
 EXIT_MARGIN = 30.0
 IDLE_SETTLE = 1.0
 QUIET_SAMPLE = 2.0
-CONNECTION_MARGIN = 100
 NOTABLE_LOG_LINES = 5
 _NOTABLE = re.compile(r"#(warn|error|critical)\]|Traceback|Unhandled|Error")
 MATPLOTLIB_HINT = ("matplotlib is not installed: `.venv/bin/pip install -e '.[bench]' "

@@ -71,7 +71,9 @@ class SendNowTests(unittest.TestCase):
     def test_wrapped_transport_is_never_bypassed(self):
         """A wrapping transport (as TLS is) that forwards `socket` is still written through."""
         inner = StringTransport()
+        # Everything a direct send looks at, so that only the type check can stop it.
         inner.socket = SimpleNamespace(send=lambda data: self.fail("bypassed the wrapper"))
+        inner.connected, inner.disconnecting, inner.dataBuffer, inner._tempDataBuffer = 1, False, b"", []
         wrapper = ProtocolWrapper(WrappingFactory(Factory.forProtocol(Protocol)), Protocol())
         wrapper.makeConnection(inner)
         send_now(wrapper, b"frame")
